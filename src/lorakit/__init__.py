@@ -1,0 +1,50 @@
+"""lorakit: memory-efficient low-rank fine-tuning (LoRA, LoRA-FA, LoRS) for dense and pruned models.
+
+```python
+import lorakit as lk
+cfg = lk.LoRAConfig(method="lora", rank=16, alpha=32, targets="all-linear")
+model = lk.inject(model, cfg)
+lk.save_adapter(model, "out/adapter")       # PEFT format
+model = lk.merge(model)                     # plain layers again
+```
+"""
+
+from .adapters import load_adapter, save_adapter
+from .config import LoRAConfig
+from .inject import (
+    active_adapter,
+    adapted_layers,
+    adapter_names,
+    count_parameters,
+    delete_adapter,
+    disable_adapters,
+    inject,
+    match_targets,
+    merge,
+    set_adapter,
+    unload,
+)
+from .layers import AdaptedLayer
+from .profile import count_saved, profile_steps
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AdaptedLayer",
+    "LoRAConfig",
+    "active_adapter",
+    "adapted_layers",
+    "adapter_names",
+    "count_parameters",
+    "count_saved",
+    "delete_adapter",
+    "disable_adapters",
+    "inject",
+    "load_adapter",
+    "match_targets",
+    "merge",
+    "profile_steps",
+    "save_adapter",
+    "set_adapter",
+    "unload",
+]

@@ -1,0 +1,296 @@
+"""Saving and loading adapters in PEFT's on-disk format, both ways.
+
+A directory with ``adapter_config.json`` and ``adapter_model.safetensors`` whose keys are
+``base_model.model.<module path>.lora_A.weight`` (r, in) and ``.lora_B.weight`` (out, r), or
+``.lora_embedding_A`` / ``.lora_embedding_B`` for embeddings. PEFT's ``PeftModel.from_pretrained``
+loads what we write; :func:`load_adapter` loads what PEFT's ``save_pretrained`` writes.
+
+lorakit-specific facts (the method) go into the safetensors header metadata, which PEFT ignores,
+so the JSON stays exactly PEFT's schema. Pickle files (``adapter_model.bin``) are refused.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .config import LoRAConfig
+from .inject import adapted_layers, add_adapter, active_adapter, freeze_base, set_adapter
+from .layers import AdaptedLayer, layer_kind
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+PREFIX = "base_model.model."
+_PICKLES = ("adapter_model.bin", "adapter_model.pt", "adapter_model.pth", "adapter_model.pkl")
+_KEY = re.compile(
+    r"^(?:base_model\.model\.)?(?P<path>.+?)\."
+    r"(?:(?P<lin>lora_[AB])(?:\.[^.]+)?\.weight|(?P<emb>lora_embedding_[AB])(?:\.[^.]+)?)$"
+)
+
+
+def _atomic_write(path: Path, write) -> None:
+    """Write via a temp file in the same folder and ``os.replace``: never a half-written file."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _peft_key(path: str, layer: AdaptedLayer, which: str) -> str:
+    if layer.kind == "embedding":
+        return f"{PREFIX}{path}.lora_embedding_{which}"
+    return f"{PREFIX}{path}.lora_{which}.weight"
+
+
+def _target_modules(model: nn.Module, paths: list[str]) -> list[str] | str:
+    """PEFT ``target_modules`` selecting exactly ``paths``: leaf names if they do, else a regex."""
+    leaves = sorted({p.rsplit(".", 1)[-1] for p in paths})
+    selected = {
+        p
+        for p, m in model.named_modules()
+        if layer_kind(m) is not None and any(p == s or p.endswith("." + s) for s in leaves)
+    }
+    if selected == set(paths):
+        return leaves
+    return "^(?:" + "|".join(re.escape(p) for p in paths) + ")$"
+
+
+def _task_type(model: nn.Module) -> str | None:
+    name = type(model).__name__
+    if name.endswith(("ForCausalLM", "LMHeadModel")):
+        return "CAUSAL_LM"
+    return None
+
+
+def save_adapter(model: nn.Module, path: str | os.PathLike, name: str | None = None) -> Path:
+    """Save one adapter in PEFT's format.
+
+    Args:
+        model: an injected model.
+        path: output directory (created if needed; files inside are replaced atomically).
+        name: which adapter (default: the active one).
+
+    Returns:
+        The directory written.
+    """
+    from safetensors.torch import save_file
+
+    name = name or active_adapter(model)
+    layers = [(p, layer) for p, layer in adapted_layers(model) if name in layer.adapters]
+    if name is None or not layers:
+        raise ValueError(f"the model has no adapter named {name!r} to save")
+    tensors: dict[str, torch.Tensor] = {}
+    configs: dict[str, LoRAConfig] = {}
+    for p, layer in layers:
+        adapter = layer.adapters[name]
+        configs[p] = adapter.config
+        for which in ("A", "B"):
+            t = getattr(adapter, f"lora_{which}")
+            tensors[_peft_key(p, layer, which)] = t.detach().to("cpu").contiguous()
+
+    # PEFT stores one r / alpha plus per-module exceptions (rank_pattern / alpha_pattern).
+    ranks = Counter(c.rank for c in configs.values())
+    alphas = Counter(c.alpha for c in configs.values())
+    r, alpha = ranks.most_common(1)[0][0], alphas.most_common(1)[0][0]
+    first = next(iter(configs.values()))
+    config: dict[str, Any] = {
+        "peft_type": "LORA",
+        "task_type": _task_type(model),
+        "base_model_name_or_path": getattr(getattr(model, "config", None), "_name_or_path", None),
+        "r": r,
+        "lora_alpha": alpha,
+        "lora_dropout": first.dropout,
+        "target_modules": _target_modules(model, [p for p, _ in layers]),
+        "bias": "none",
+        "use_rslora": first.use_rslora,
+        "fan_in_fan_out": any(layer.kind == "conv1d" for _, layer in layers),
+        "init_lora_weights": True,
+        "inference_mode": True,
+        "modules_to_save": None,
+        "layers_to_transform": None,
+        "layers_pattern": None,
+        "rank_pattern": {f"^{re.escape(p)}": c.rank for p, c in configs.items() if c.rank != r},
+        "alpha_pattern": {f"^{re.escape(p)}": c.alpha for p, c in configs.items() if c.alpha != alpha},
+        "use_dora": False,
+        "revision": None,
+    }
+    metadata = {"format": "pt", "lorakit_method": first.method, "lorakit_init": first.init}
+
+    out = Path(path)
+    out.mkdir(parents=True, exist_ok=True)
+    _atomic_write(out / WEIGHTS_NAME, lambda f: save_file(tensors, f, metadata=metadata))
+    text = json.dumps(config, indent=2, sort_keys=True) + "\n"
+    _atomic_write(out / CONFIG_NAME, lambda f: Path(f).write_text(text))
+    return out
+
+
+def _read_config(folder: Path) -> dict[str, Any]:
+    file = folder / CONFIG_NAME
+    if not file.exists():
+        raise FileNotFoundError(f"{folder} has no {CONFIG_NAME} (is it an adapter folder?)")
+    try:
+        config = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{file} is not valid JSON: {e}") from e
+    if not isinstance(config, dict):
+        raise ValueError(f"{file} must hold a JSON object, got {type(config).__name__}")
+    peft_type = config.get("peft_type", "LORA")
+    if peft_type != "LORA":
+        raise ValueError(f"{file}: only LoRA adapters are supported, got peft_type={peft_type!r}")
+    unsupported = {
+        "use_dora": False,
+        "lora_bias": False,
+        "bias": "none",
+        "modules_to_save": None,
+        "layer_replication": None,
+    }
+    for key, ok in unsupported.items():
+        if config.get(key, ok) not in (ok, [], {}):
+            raise ValueError(
+                f"{file}: {key}={config[key]!r} is not supported (lorakit loads plain LoRA "
+                f"adapters: {key} must be {ok!r})"
+            )
+    return config
+
+
+def _read_tensors(folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    from safetensors import SafetensorError, safe_open
+
+    file = folder / WEIGHTS_NAME
+    if not file.exists():
+        pickles = [p for p in _PICKLES if (folder / p).exists()]
+        if pickles:
+            raise ValueError(
+                f"refusing to load {folder / pickles[0]}: it is a pickle file, which can run "
+                f"arbitrary code. Convert it to {WEIGHTS_NAME} (safetensors) first"
+            )
+        raise FileNotFoundError(f"{folder} has no {WEIGHTS_NAME}")
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            metadata = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open API)
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise ValueError(f"{file} is truncated or corrupted (not a valid safetensors file): {e}") from e
+    return tensors, metadata
+
+
+def _pattern_value(patterns: dict[str, Any], path: str, default: Any) -> Any:
+    # PEFT semantics: a pattern matches a module path if it matches a dotted suffix of it.
+    for pattern, value in (patterns or {}).items():
+        if re.match(rf"(.*\.)?(?:{pattern})$", path) or re.match(pattern, path):
+            return value
+    return default
+
+
+def load_adapter(
+    model: nn.Module,
+    path: str | os.PathLike,
+    name: str = "default",
+    *,
+    trainable: bool = False,
+) -> nn.Module:
+    """Load an adapter saved by lorakit or by PEFT into ``model``, in place.
+
+    Every check runs before the model is touched: a mismatched file leaves the model as it was.
+
+    Args:
+        model: the base model (or a model that already has other adapters).
+        path: adapter directory (``adapter_config.json`` + ``adapter_model.safetensors``).
+        name: the name to give the adapter on the model.
+        trainable: leave the adapter trainable (to continue training); by default everything is
+            frozen, like PEFT's inference mode.
+
+    Returns:
+        ``model``, with the loaded adapter active.
+    """
+    folder = Path(path)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"adapter folder {folder} does not exist")
+    config = _read_config(folder)
+    tensors, metadata = _read_tensors(folder)
+
+    # Group A/B tensors by module path.
+    found: dict[str, dict[str, torch.Tensor]] = {}
+    kinds: dict[str, str] = {}
+    for key, t in tensors.items():
+        m = _KEY.match(key)
+        if m is None:
+            raise ValueError(
+                f"{folder / WEIGHTS_NAME}: unexpected key {key!r}; expected "
+                f"'{PREFIX}<module>.lora_A.weight' / '.lora_B.weight' (or lora_embedding_A/B)"
+            )
+        which = (m["lin"] or m["emb"])[-1]
+        found.setdefault(m["path"], {})[which] = t
+        kinds[m["path"]] = "embedding" if m["emb"] else "linear"
+    if not found:
+        raise ValueError(f"{folder / WEIGHTS_NAME} holds no LoRA weights")
+
+    method = metadata.get("lorakit_method", "lora")
+    base = LoRAConfig(
+        method=method,
+        rank=int(config.get("r", 8)),
+        alpha=float(config.get("lora_alpha", 8)),
+        dropout=float(config.get("lora_dropout", 0.0) or 0.0),
+        targets=sorted(found),
+        use_rslora=bool(config.get("use_rslora", False)),
+        init=metadata.get("lorakit_init", "kaiming"),
+    )
+    configs: dict[str, LoRAConfig] = {}
+    for p, pair in sorted(found.items()):
+        if set(pair) != {"A", "B"}:
+            missing = {"A", "B"} - set(pair)
+            raise ValueError(f"{folder / WEIGHTS_NAME}: module {p} lacks lora_{missing.pop()}")
+        try:
+            module = model.get_submodule(p)
+        except AttributeError:
+            module = None
+        kind = layer_kind(module) if module is not None else None
+        if kind is None:
+            what = "does not exist" if module is None else f"is a {type(module).__name__}"
+            raise ValueError(
+                f"adapter has weights for module {p!r}, which {what} in this model "
+                f"({type(model).__name__}); is the adapter for another architecture?"
+            )
+        if (kind == "embedding") != (kinds[p] == "embedding"):
+            raise ValueError(f"adapter weights for {p} are for a {kinds[p]} but it is a {kind}")
+        if isinstance(module, AdaptedLayer) and name in module.adapters:
+            raise ValueError(f"layer {p} already has an adapter named {name!r}")
+        A, B = pair["A"], pair["B"]
+        w = module.weight.shape
+        in_f, out_f = (w[1], w[0]) if kind == "linear" else (w[0], w[1])
+        r = A.shape[0]
+        if A.dim() != 2 or B.dim() != 2 or A.shape != (r, in_f) or B.shape != (out_f, r):
+            raise ValueError(
+                f"adapter shapes do not fit module {p}: lora_A {tuple(A.shape)} and lora_B "
+                f"{tuple(B.shape)}, but the layer needs ({r}, {in_f}) and ({out_f}, {r}) "
+                f"(weight {tuple(w)})"
+            )
+        alpha = _pattern_value(config.get("alpha_pattern"), p, base.alpha)
+        configs[p] = base.replace(rank=r, alpha=float(alpha), targets=[p])
+
+    add_adapter(model, sorted(found), configs, name)
+    with torch.no_grad():
+        for p, layer in adapted_layers(model):
+            if p in found:
+                adapter = layer.adapters[name]
+                adapter.lora_A.copy_(found[p]["A"])
+                adapter.lora_B.copy_(found[p]["B"])
+    freeze_base(model)
+    set_adapter(model, name)
+    if not trainable:
+        for _, layer in adapted_layers(model):
+            for p in layer.adapters.parameters():
+                p.requires_grad_(False)
+    return model

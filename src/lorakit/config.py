@@ -1,0 +1,104 @@
+"""LoRAConfig: what to adapt and how. A frozen, validated dataclass."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+
+Method = Literal["lora", "lora_fa", "lors"]
+METHODS: tuple[str, ...] = ("lora", "lora_fa", "lors")
+INITS: tuple[str, ...] = ("kaiming", "gaussian")
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+    "float64": torch.float64,
+}
+
+
+@dataclass(frozen=True)
+class LoRAConfig:
+    """Configuration of one low-rank adapter.
+
+    Example:
+        ``LoRAConfig(method="lora", rank=16, alpha=32, targets="all-linear")``
+    """
+
+    method: Method = "lora"  # "lora" | "lora_fa" | "lors"
+    rank: int = 8  # r: inner dimension of B A
+    alpha: float = 16.0  # scaling s = alpha / r (alpha / sqrt(r) with use_rslora)
+    dropout: float = 0.0  # dropout on the adapter input, in [0, 1)
+    targets: str | tuple[str, ...] = "all-linear"  # "all-linear" | module-name suffixes | regex
+    init: Literal["kaiming", "gaussian"] = "kaiming"  # A init; B starts at zero
+    use_rslora: bool = False  # rank-stabilised scaling alpha / sqrt(r)
+    bias: Literal["none"] = "none"  # biases stay frozen (PEFT's bias="none")
+    adapter_dtype: str | None = None  # None: follow the base layer's dtype; else e.g. "float32"
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {list(METHODS)}, got {self.method!r}")
+        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank <= 0:
+            raise ValueError(f"rank must be a positive int, got {self.rank!r}")
+        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)):
+            raise ValueError(f"alpha must be a positive number, got {self.alpha!r}")
+        if not (math.isfinite(self.alpha) and self.alpha > 0):
+            raise ValueError(f"alpha must be a positive number, got {self.alpha!r}")
+        if not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be a float in [0, 1), got {self.dropout!r}")
+        if self.init not in INITS:
+            raise ValueError(f"init must be one of {list(INITS)}, got {self.init!r}")
+        if self.bias != "none":
+            raise ValueError(f"bias must be 'none' (biases stay frozen), got {self.bias!r}")
+        if self.adapter_dtype is not None and self.adapter_dtype not in DTYPES:
+            raise ValueError(
+                f"adapter_dtype must be None (follow the base) or one of {list(DTYPES)}, "
+                f"got {self.adapter_dtype!r}"
+            )
+        targets = self.targets
+        if isinstance(targets, (list, tuple)):
+            if not targets or not all(isinstance(t, str) and t for t in targets):
+                raise ValueError(
+                    f"targets must be 'all-linear', a regex string or a non-empty list of "
+                    f"module-name suffixes, got {targets!r}"
+                )
+            object.__setattr__(self, "targets", tuple(targets))
+        elif not isinstance(targets, str) or not targets:
+            raise ValueError(
+                f"targets must be 'all-linear', a regex string or a non-empty list of "
+                f"module-name suffixes, got {targets!r}"
+            )
+        object.__setattr__(self, "alpha", float(self.alpha))
+        object.__setattr__(self, "dropout", float(self.dropout))
+
+    @property
+    def scaling(self) -> float:
+        """s multiplying B A."""
+        return self.alpha / (math.sqrt(self.rank) if self.use_rslora else self.rank)
+
+    @property
+    def dtype(self) -> torch.dtype | None:
+        """The adapter parameters' dtype, or None to follow the base layer."""
+        return None if self.adapter_dtype is None else DTYPES[self.adapter_dtype]
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        if isinstance(d["targets"], tuple):
+            d["targets"] = list(d["targets"])
+        return d
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> LoRAConfig:
+        """Build a config from a dict (a file, the CLI); unknown keys are an error."""
+        allowed = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(data) - set(allowed))
+        if unknown:
+            raise ValueError(f"unknown LoRAConfig keys {unknown}; allowed keys are {allowed}")
+        return cls(**data)
+
+    def replace(self, **changes: Any) -> LoRAConfig:
+        """A copy with some fields changed (validated like a new config)."""
+        return self.from_dict({**self.to_dict(), **changes})

@@ -1,0 +1,300 @@
+"""Putting adapters into a model and taking them out: target matching, freezing, merging.
+
+Works on any ``nn.Module``; Hugging Face models need nothing special. Every matched
+``nn.Linear`` / GPT-2 ``Conv1D`` / ``nn.Embedding`` is replaced in place by an
+:class:`~lorakit.layers.AdaptedLayer` that keeps the original ``weight``/``bias`` Parameters.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from collections import Counter
+from collections.abc import Iterator, Mapping
+
+import torch
+from torch import nn
+
+from .config import LoRAConfig
+from .layers import AdaptedLayer, layer_kind
+from .methods import adapter_class
+
+ALL_LINEAR = "all-linear"
+# Classification / LM heads that "all-linear" leaves alone (PEFT does the same).
+_HEAD_NAMES = ("lm_head", "classifier", "score", "qa_outputs")
+
+
+def adapted_layers(model: nn.Module) -> Iterator[tuple[str, AdaptedLayer]]:
+    """Yield ``(module path, layer)`` for every adapted layer of ``model``."""
+    for path, module in model.named_modules():
+        if isinstance(module, AdaptedLayer):
+            yield path, module
+
+
+def adapter_names(model: nn.Module) -> list[str]:
+    """Names of the adapters present in ``model``, in order of creation."""
+    names: dict[str, None] = {}
+    for _, layer in adapted_layers(model):
+        names.update(dict.fromkeys(layer.adapters))
+    return list(names)
+
+
+def _adaptable(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    return [(p, m) for p, m in model.named_modules() if p and layer_kind(m) is not None]
+
+
+def _output_heads(model: nn.Module) -> set[int]:
+    heads = set()
+    get_out = getattr(model, "get_output_embeddings", None)
+    if callable(get_out):
+        with contextlib.suppress(Exception):
+            head = get_out()
+            if isinstance(head, nn.Module):
+                heads.add(id(head))
+    return heads
+
+
+def describe_layers(model: nn.Module) -> str:
+    """A compact list of the adaptable layers, grouped by leaf name, for error messages."""
+    layers = _adaptable(model)
+    if not layers:
+        return "the model has no nn.Linear, Conv1D or nn.Embedding layers"
+    counts = Counter(p.rsplit(".", 1)[-1] for p, _ in layers)
+    example = {}
+    for p, m in layers:
+        example.setdefault(p.rsplit(".", 1)[-1], (p, type(m).__name__))
+    parts = [f"{leaf} x{n} ({example[leaf][1]}, e.g. {example[leaf][0]!r})" for leaf, n in counts.items()]
+    return "adaptable layers: " + "; ".join(parts)
+
+
+def match_targets(model: nn.Module, targets: str | tuple[str, ...] | list[str]) -> list[str]:
+    """Module paths selected by ``targets`` (see :class:`LoRAConfig`), in model order.
+
+    ``"all-linear"``: every Linear/Conv1D except the output head and classification heads.
+    A list: module-name suffixes (``"q_proj"`` matches ``model.layers.0.self_attn.q_proj``); each
+    must match at least one layer. Any other string: a regex that must match the full path.
+    """
+    layers = _adaptable(model)
+    if targets == ALL_LINEAR:
+        heads = _output_heads(model)
+        found = [
+            p
+            for p, m in layers
+            if layer_kind(m) in ("linear", "conv1d")
+            and id(m) not in heads
+            and p.rsplit(".", 1)[-1] not in _HEAD_NAMES
+        ]
+    elif isinstance(targets, str):
+        try:
+            pattern = re.compile(targets)
+        except re.error as e:
+            raise ValueError(f"targets {targets!r} is not a valid regular expression: {e}") from e
+        found = [p for p, _ in layers if pattern.fullmatch(p)]
+    else:
+        found, unmatched = [], []
+        for suffix in targets:
+            hits = [p for p, _ in layers if p == suffix or p.endswith("." + suffix)]
+            if not hits:
+                unmatched.append(suffix)
+        if unmatched:
+            raise ValueError(
+                f"targets {unmatched} matched no layer; {describe_layers(model)}"
+            )
+        found = [p for p, _ in layers if any(p == s or p.endswith("." + s) for s in targets)]
+    if not found:
+        raise ValueError(f"targets {targets!r} matched no layer; {describe_layers(model)}")
+    return found
+
+
+def freeze_base(model: nn.Module) -> None:
+    """Freeze every parameter; adapters are unfrozen by :func:`set_adapter`."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+
+
+def _check_rank(path: str, layer: nn.Module, config: LoRAConfig) -> None:
+    w = layer.weight
+    limit = min(w.shape)
+    if config.rank > limit:
+        raise ValueError(
+            f"rank must be a positive int <= min(in, out) = {limit}, got {config.rank} for {path}"
+        )
+
+
+def add_adapter(
+    model: nn.Module,
+    paths: list[str],
+    configs: LoRAConfig | Mapping[str, LoRAConfig],
+    name: str,
+) -> None:
+    """Add adapter ``name`` to the layers at ``paths`` (one config, or one per path).
+
+    Validates everything before changing the model, so a failure leaves it untouched.
+    """
+    if not isinstance(name, str) or not name or "." in name:
+        raise ValueError(f"adapter name must be a non-empty string without '.', got {name!r}")
+    per_path = {p: configs if isinstance(configs, LoRAConfig) else configs[p] for p in paths}
+    modules = {p: model.get_submodule(p) for p in paths}
+    for p, m in modules.items():
+        if isinstance(m, AdaptedLayer) and name in m.adapters:
+            raise ValueError(
+                f"layer {p} already has an adapter named {name!r}; "
+                f"use another name or delete_adapter(model, {name!r}) first"
+            )
+        _check_rank(p, m, per_path[p])
+        adapter_class(per_path[p].method)  # unknown / unimplemented methods fail here
+    users = Counter(id(t) for mod in model.modules() for t in mod.parameters(recurse=False))
+    for p, m in modules.items():
+        if not isinstance(m, AdaptedLayer):
+            m = AdaptedLayer(m)
+            m.shared_weight = users[id(m.weight)] > 1
+            _replace(model, p, m)
+        cfg = per_path[p]
+        w = m.weight
+        dtype = cfg.dtype or (w.dtype if w.is_floating_point() else torch.float32)
+        m.adapters[name] = adapter_class(cfg.method)(
+            m.in_features,
+            m.out_features,
+            cfg,
+            embedding=m.kind == "embedding",
+            dtype=dtype,
+            device=w.device,
+        )
+
+
+def inject(model: nn.Module, config: LoRAConfig, name: str = "default") -> nn.Module:
+    """Add a low-rank adapter to the layers ``config.targets`` selects, in place.
+
+    The new adapter becomes the active one; every other parameter of the model (base weights and
+    other adapters) is frozen. Call again with another ``name`` to add more adapters.
+
+    Args:
+        model: any ``nn.Module`` (Hugging Face models included).
+        config: what to adapt and how.
+        name: the adapter's name (PEFT's default is ``"default"``).
+
+    Returns:
+        ``model`` itself.
+    """
+    if not isinstance(config, LoRAConfig):
+        raise TypeError(f"config must be a lorakit.LoRAConfig, got {type(config).__name__}")
+    add_adapter(model, match_targets(model, config.targets), config, name)
+    freeze_base(model)
+    set_adapter(model, name)
+    return model
+
+
+def set_adapter(model: nn.Module, name: str) -> None:
+    """Make adapter ``name`` the active one (and the only trainable one).
+
+    Layers without an adapter of that name run their base weight alone.
+    """
+    names = adapter_names(model)
+    if name not in names:
+        raise ValueError(f"no adapter named {name!r}; the model has {names}")
+    for _, layer in adapted_layers(model):
+        layer.active = name if name in layer.adapters else None
+        for adapter_name, adapter in layer.adapters.items():
+            for p in adapter.parameters():
+                p.requires_grad_(adapter_name == name)
+
+
+def active_adapter(model: nn.Module) -> str | None:
+    """Name of the active adapter, or None."""
+    for _, layer in adapted_layers(model):
+        if layer.active is not None:
+            return layer.active
+    return None
+
+
+@contextlib.contextmanager
+def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
+    """Run the base model alone inside the ``with`` block (merged layers are unmerged meanwhile)."""
+    layers = [layer for _, layer in adapted_layers(model)]
+    remerge = [(layer, list(layer.merged)) for layer in layers if layer.merged]
+    for layer, _ in remerge:
+        layer.unmerge()
+    for layer in layers:
+        layer.disabled = True
+    try:
+        yield model
+    finally:
+        for layer in layers:
+            layer.disabled = False
+        for layer, names in remerge:
+            for n in names:
+                layer.merge(n)
+
+
+def delete_adapter(model: nn.Module, name: str) -> None:
+    """Remove adapter ``name``; layers left without adapters become plain layers again."""
+    names = adapter_names(model)
+    if name not in names:
+        raise ValueError(f"no adapter named {name!r}; the model has {names}")
+    for path, layer in list(adapted_layers(model)):
+        if name not in layer.adapters:
+            continue
+        if name in layer.merged:
+            raise ValueError(f"adapter {name!r} is merged into {path}; unmerge it before deleting")
+        del layer.adapters[name]
+        if layer.active == name:
+            layer.active = None
+        if not layer.adapters:
+            _replace(model, path, layer.unload())
+    rest = adapter_names(model)
+    if rest and active_adapter(model) is None:
+        set_adapter(model, rest[0])
+
+
+def _replace(model: nn.Module, path: str, module: nn.Module) -> None:
+    parent, _, leaf = path.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, leaf, module)
+
+
+def merge(model: nn.Module, name: str | None = None) -> nn.Module:
+    """Merge an adapter into the base weights and return plain layers, in place.
+
+    Args:
+        model: an injected model.
+        name: the adapter to merge (default: the active one). Other adapters are dropped.
+
+    Returns:
+        ``model`` with every adapted layer replaced by its original module type (``nn.Linear``,
+        ``Conv1D``, ``nn.Embedding``): exactly the base model's inference cost. Calling it on a
+        model with no adapters returns the model unchanged.
+    """
+    layers = list(adapted_layers(model))
+    if not layers:
+        return model
+    name = name or active_adapter(model)
+    if name is not None and name not in adapter_names(model):
+        raise ValueError(f"no adapter named {name!r}; the model has {adapter_names(model)}")
+    untied = False
+    for path, layer in layers:
+        if name in layer.adapters:
+            if any(n != name for n in layer.merged):
+                layer.unmerge()
+            untied |= layer.shared_weight
+            layer.merge(name)
+        else:
+            layer.unmerge()
+        _replace(model, path, layer.unload())
+    config = getattr(model, "config", None)
+    if untied and getattr(config, "tie_word_embeddings", False):
+        config.tie_word_embeddings = False  # keep save_pretrained from re-tying them
+    return model
+
+
+def unload(model: nn.Module) -> nn.Module:
+    """Remove every adapter without merging; the base model comes back unchanged."""
+    for path, layer in list(adapted_layers(model)):
+        layer.unmerge()
+        _replace(model, path, layer.unload())
+    return model
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """``(trainable, total)`` parameter counts."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return trainable, total

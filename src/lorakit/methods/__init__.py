@@ -1,0 +1,25 @@
+"""One file per method. Each defines an adapter module with the same small interface:
+
+- ``__init__(in_features, out_features, config, *, embedding, dtype, device)``
+- ``forward(x, layer) -> y``: the output of the adapted ``layer`` with this adapter active;
+- ``delta_weight(layer) -> ΔW`` (out, in): what ``merge`` adds to the weight;
+- ``lora_A`` (r, in) and ``lora_B`` (out, r): the tensors saved in PEFT's format.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from .lora import LoRA
+
+ADAPTERS: dict[str, type[nn.Module]] = {"lora": LoRA}
+PLANNED = {"lora_fa": "LoRA-FA", "lors": "LoRS"}
+
+
+def adapter_class(method: str) -> type[nn.Module]:
+    """The adapter module class implementing ``method``."""
+    if method in ADAPTERS:
+        return ADAPTERS[method]
+    if method in PLANNED:
+        raise NotImplementedError(f"method {method!r} ({PLANNED[method]}) is not implemented yet")
+    raise ValueError(f"unknown method {method!r}; choose one of {list(ADAPTERS)}")

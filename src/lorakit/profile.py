@@ -1,0 +1,123 @@
+"""Measuring training memory and time.
+
+``saved_bytes`` counts what autograd keeps for backward during a forward pass: the unique storages
+of tensors passed to ``saved_tensors_hooks``, excluding the storages of the model's parameters and
+buffers (autograd often saves views such as ``W.t()`` of a frozen weight; that is the weight's own
+memory, not an activation). The count is deterministic, so tests may assert it.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+MiB = 1024**2
+
+
+def _storage_key(t: torch.Tensor) -> tuple[str, int]:
+    s = t.untyped_storage()
+    return (str(t.device), s.data_ptr())
+
+
+@dataclass
+class SavedTensors:
+    """Unique storages saved for backward (filled inside :func:`count_saved`)."""
+
+    exclude: set[tuple[str, int]] = field(default_factory=set)
+    storages: dict[tuple[str, int], int] = field(default_factory=dict)  # key -> nbytes
+    _keep: list[torch.Tensor] = field(default_factory=list, repr=False)
+
+    @property
+    def bytes(self) -> int:
+        return sum(self.storages.values())
+
+    def pack(self, t: torch.Tensor) -> torch.Tensor:
+        if t.layout == torch.strided and t.device.type != "meta":
+            key = _storage_key(t)
+            if key not in self.exclude and key not in self.storages:
+                self.storages[key] = t.untyped_storage().nbytes()
+                # Hold it so its address cannot be reused by another storage during the count.
+                self._keep.append(t)
+        return t
+
+
+def _param_storages(modules: Iterable[nn.Module]) -> set[tuple[str, int]]:
+    keys = set()
+    for m in modules:
+        for t in list(m.parameters()) + list(m.buffers()):
+            keys.add(_storage_key(t))
+    return keys
+
+
+def count_saved(model: nn.Module | Iterable[nn.Module], fn: Callable[[], object]) -> tuple[object, int]:
+    """Run ``fn()`` (usually a forward + loss) and count the bytes it saves for backward.
+
+    Returns:
+        ``(fn's result, bytes)``. Call ``backward`` on the result afterwards as usual.
+    """
+    modules = [model] if isinstance(model, nn.Module) else list(model)
+    saved = SavedTensors(exclude=_param_storages(modules))
+    with torch.autograd.graph.saved_tensors_hooks(saved.pack, lambda t: t):
+        out = fn()
+    return out, saved.bytes
+
+
+@dataclass
+class StepStats:
+    """What :func:`profile_steps` measured."""
+
+    saved_bytes: int  # activations kept for backward in one step (see module docstring)
+    step_times: list[float]  # seconds per step after warm-up
+    peak_cuda_bytes: int | None = None  # torch.cuda.max_memory_allocated, on CUDA
+
+    @property
+    def median_time(self) -> float:
+        return statistics.median(self.step_times)
+
+    @property
+    def saved_mib(self) -> float:
+        return self.saved_bytes / MiB
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def profile_steps(
+    model: nn.Module,
+    loss_fn: Callable[[], torch.Tensor],
+    optimizer: torch.optim.Optimizer | None = None,
+    *,
+    steps: int = 5,
+    warmup: int = 1,
+) -> StepStats:
+    """Time full training steps (forward, backward, optimizer step) and count saved bytes.
+
+    The saved bytes are counted on the first step; times are of the ``steps`` after ``warmup``.
+    """
+    device = next(model.parameters()).device
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    saved, times = 0, []
+    for i in range(warmup + steps):
+        _sync(device)
+        t0 = time.perf_counter()
+        if i == 0:
+            loss, saved = count_saved(model, loss_fn)
+        else:
+            loss = loss_fn()
+        loss.backward()
+        if optimizer is not None:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        _sync(device)
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+    return StepStats(saved_bytes=saved, step_times=times, peak_cuda_bytes=peak)

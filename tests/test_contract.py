@@ -1,0 +1,210 @@
+"""The contract every method must honour, on tiny LLaMA / GPT-2 / BERT configs and a plain MLP."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from conftest import MODELS, build, logits, perturb
+from torch import nn
+
+import lorakit as lk
+
+TARGET_SETS = ["all-linear", "with-embedding"]
+
+
+def _targets(model_name: str, which: str):
+    return "all-linear" if which == "all-linear" else MODELS[model_name][1]
+
+
+def _injected(model_name, which="all-linear", dtype=torch.float32, **cfg):
+    base = build(model_name, dtype)
+    model = lk.inject(copy.deepcopy(base), lk.LoRAConfig(targets=_targets(model_name, which), **cfg))
+    return base, model
+
+
+@pytest.mark.parametrize("which", TARGET_SETS)
+def test_identity_at_init(model_name, which, ids):
+    base, model = _injected(model_name, which)
+    assert torch.equal(logits(base, ids), logits(model, ids))
+
+
+@pytest.mark.parametrize("which", TARGET_SETS)
+def test_changed_after_perturbing_B(model_name, which, ids):
+    base, model = _injected(model_name, which)
+    perturb(model)
+    diff = (logits(base, ids) - logits(model, ids)).abs().max()
+    assert diff > 1e-3
+
+
+@pytest.mark.parametrize("which", TARGET_SETS)
+@pytest.mark.parametrize(("dtype", "tol"), [(torch.float64, 1e-10), (torch.float32, 1e-5)])
+def test_merged_equals_unmerged(model_name, which, dtype, tol, ids):
+    _, model = _injected(model_name, which, dtype=dtype, rank=4, alpha=8)
+    perturb(model, scale=0.1)
+    before = logits(model, ids)
+    merged = lk.merge(model)
+    assert not list(lk.adapted_layers(merged))
+    kinds = {type(m).__name__ for m in merged.modules()}
+    assert "AdaptedLayer" not in kinds
+    torch.testing.assert_close(logits(merged, ids), before, rtol=0, atol=tol)
+
+
+def test_merge_twice_is_noop(model_name, ids):
+    _, model = _injected(model_name, "with-embedding")
+    perturb(model, scale=0.1)
+    # Per layer: merging the same adapter again changes nothing.
+    for _, layer in lk.adapted_layers(model):
+        layer.merge()
+        w = layer.weight.detach().clone()
+        layer.merge()
+        assert torch.equal(layer.weight, w)
+    once = logits(model, ids)
+    # Whole model: merge() returns plain layers; a second merge() is a no-op.
+    lk.merge(model)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    lk.merge(model)
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+    torch.testing.assert_close(logits(model, ids), once, rtol=0, atol=1e-5)
+
+
+def test_unmerge_restores(model_name, ids):
+    base, model = _injected(model_name, "with-embedding", dtype=torch.float64)
+    perturb(model, scale=0.1)
+    unmerged = logits(model, ids)
+    for _, layer in lk.adapted_layers(model):
+        layer.merge()
+    torch.testing.assert_close(logits(model, ids), unmerged, rtol=0, atol=1e-10)
+    for _, layer in lk.adapted_layers(model):
+        layer.unmerge()
+        layer.unmerge()  # idempotent
+    with lk.disable_adapters(model):
+        torch.testing.assert_close(logits(model, ids), logits(base, ids), rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("which", TARGET_SETS)
+def test_base_bit_identical_after_adamw_step(model_name, which, ids):
+    base, model = _injected(model_name, which)
+    # All parameters go to the optimizer, with weight decay: frozen ones must not move.
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    model.train()
+    for _ in range(2):
+        logits(model, ids).float().pow(2).mean().backward()
+        opt.step()
+        opt.zero_grad()
+    adapter_ids = {id(p) for _, layer in lk.adapted_layers(model) for p in layer.adapters.parameters()}
+    base_state = base.state_dict()
+    for k, v in model.state_dict().items():
+        if ".adapters." not in k:
+            assert torch.equal(v, base_state[k]), k
+    moved = [p for p in model.parameters() if id(p) in adapter_ids and p.requires_grad]
+    assert moved and all(p.grad is None for p in moved)  # zero_grad(set_to_none)
+    trainable = {id(p) for p in model.parameters() if p.requires_grad}
+    assert trainable == adapter_ids
+
+
+def test_only_adapter_trainable(model_name):
+    _, model = _injected(model_name)
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert names and all(n.endswith(("lora_A", "lora_B")) for n in names)
+    trainable, total = lk.count_parameters(model)
+    assert 0 < trainable < total
+
+
+def test_state_dict_keeps_base_names(model_name):
+    base, model = _injected(model_name, "with-embedding")
+    base_keys = set(base.state_dict())
+    keys = set(model.state_dict())
+    assert base_keys <= keys
+    assert all(".adapters.default.lora_" in k for k in keys - base_keys)
+    # A base checkpoint still loads into the injected model.
+    missing, unexpected = model.load_state_dict(base.state_dict(), strict=False)
+    assert not unexpected and all(".adapters." in k for k in missing)
+
+
+@pytest.mark.parametrize("which", TARGET_SETS)
+def test_exact_adapter_keys(model_name, which, tmp_path):
+    from safetensors.torch import load_file
+
+    base, model = _injected(model_name, which)
+    paths = lk.match_targets(base, _targets(model_name, which))
+    lk.save_adapter(model, tmp_path)
+    keys = set(load_file(tmp_path / "adapter_model.safetensors"))
+    expected = set()
+    for p in paths:
+        if isinstance(base.get_submodule(p), nn.Embedding):
+            expected |= {f"base_model.model.{p}.lora_embedding_A", f"base_model.model.{p}.lora_embedding_B"}
+        else:
+            expected |= {f"base_model.model.{p}.lora_A.weight", f"base_model.model.{p}.lora_B.weight"}
+    assert keys == expected
+
+
+@pytest.mark.parametrize("which", TARGET_SETS)
+def test_save_load_round_trip(model_name, which, ids, tmp_path):
+    _, model = _injected(model_name, which, rank=4, alpha=8)
+    perturb(model, scale=0.1)
+    lk.save_adapter(model, tmp_path / "a")
+    loaded = lk.load_adapter(build(model_name), tmp_path / "a")
+    assert torch.equal(logits(loaded, ids), logits(model, ids))
+    assert not any(p.requires_grad for p in loaded.parameters())
+    trainable = lk.load_adapter(build(model_name), tmp_path / "a", trainable=True)
+    assert lk.count_parameters(trainable)[0] == lk.count_parameters(model)[0]
+
+
+def test_all_linear_skips_heads():
+    for name, head in [("llama", "lm_head"), ("gpt2", "lm_head"), ("bert", "cls.predictions.decoder")]:
+        paths = lk.match_targets(build(name), "all-linear")
+        assert head not in paths
+        assert paths
+    gpt2 = lk.match_targets(build("gpt2"), "all-linear")
+    assert "transformer.h.0.attn.c_attn" in gpt2 and "transformer.h.1.mlp.c_fc" in gpt2
+    llama = lk.match_targets(build("llama"), "all-linear")
+    assert len(llama) == 2 * 7
+
+
+def test_target_forms():
+    model = build("llama")
+    suffix = lk.match_targets(model, ["q_proj", "v_proj"])
+    regex = lk.match_targets(model, r".*\.(q|v)_proj")
+    assert suffix == regex and len(suffix) == 4
+    assert lk.match_targets(model, r"model\.layers\.0\.self_attn\.q_proj") == [
+        "model.layers.0.self_attn.q_proj"
+    ]
+
+
+def test_rslora_scaling():
+    cfg = lk.LoRAConfig(rank=16, alpha=32, use_rslora=True)
+    assert cfg.scaling == pytest.approx(8.0)
+    assert lk.LoRAConfig(rank=16, alpha=32).scaling == pytest.approx(2.0)
+
+
+def test_adapter_dtype_follows_base_unless_asked():
+    _, model = _injected("llama", dtype=torch.bfloat16)
+    assert {p.dtype for _, l in lk.adapted_layers(model) for p in l.adapters.parameters()} == {
+        torch.bfloat16
+    }
+    _, model = _injected("llama", dtype=torch.bfloat16, adapter_dtype="float32")
+    assert {p.dtype for _, l in lk.adapted_layers(model) for p in l.adapters.parameters()} == {
+        torch.float32
+    }
+    ids = torch.randint(0, 64, (1, 8))
+    model.train()
+    logits(model, ids).float().mean().backward()
+    assert all(
+        p.grad is not None and p.grad.dtype == torch.float32
+        for _, l in lk.adapted_layers(model)
+        for p in l.adapters.parameters()
+    )
+
+
+def test_dropout_only_in_training(ids):
+    _, model = _injected("llama", dropout=0.5)
+    perturb(model, scale=0.1)
+    model.eval()
+    assert torch.equal(logits(model, ids), logits(model, ids))
+    model.train()
+    torch.manual_seed(0)
+    a = logits(model, ids)
+    torch.manual_seed(1)
+    assert not torch.equal(a, logits(model, ids))
