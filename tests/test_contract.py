@@ -20,7 +20,9 @@ def _targets(model_name: str, which: str):
 
 def _injected(model_name, which="all-linear", dtype=torch.float32, **cfg):
     base = build(model_name, dtype)
-    model = lk.inject(copy.deepcopy(base), lk.LoRAConfig(targets=_targets(model_name, which), **cfg))
+    model = lk.inject(
+        copy.deepcopy(base), lk.LoRAConfig(targets=_targets(model_name, which), **cfg)
+    )
     return base, model
 
 
@@ -93,7 +95,9 @@ def test_base_bit_identical_after_adamw_step(model_name, which, ids):
         logits(model, ids).float().pow(2).mean().backward()
         opt.step()
         opt.zero_grad()
-    adapter_ids = {id(p) for _, layer in lk.adapted_layers(model) for p in layer.adapters.parameters()}
+    adapter_ids = {
+        id(p) for _, layer in lk.adapted_layers(model) for p in layer.adapters.parameters()
+    }
     base_state = base.state_dict()
     for k, v in model.state_dict().items():
         if ".adapters." not in k:
@@ -134,9 +138,15 @@ def test_exact_adapter_keys(model_name, which, tmp_path):
     expected = set()
     for p in paths:
         if isinstance(base.get_submodule(p), nn.Embedding):
-            expected |= {f"base_model.model.{p}.lora_embedding_A", f"base_model.model.{p}.lora_embedding_B"}
+            expected |= {
+                f"base_model.model.{p}.lora_embedding_A",
+                f"base_model.model.{p}.lora_embedding_B",
+            }
         else:
-            expected |= {f"base_model.model.{p}.lora_A.weight", f"base_model.model.{p}.lora_B.weight"}
+            expected |= {
+                f"base_model.model.{p}.lora_A.weight",
+                f"base_model.model.{p}.lora_B.weight",
+            }
     assert keys == expected
 
 
@@ -153,7 +163,11 @@ def test_save_load_round_trip(model_name, which, ids, tmp_path):
 
 
 def test_all_linear_skips_heads():
-    for name, head in [("llama", "lm_head"), ("gpt2", "lm_head"), ("bert", "cls.predictions.decoder")]:
+    for name, head in [
+        ("llama", "lm_head"),
+        ("gpt2", "lm_head"),
+        ("bert", "cls.predictions.decoder"),
+    ]:
         paths = lk.match_targets(build(name), "all-linear")
         assert head not in paths
         assert paths
@@ -181,20 +195,20 @@ def test_rslora_scaling():
 
 def test_adapter_dtype_follows_base_unless_asked():
     _, model = _injected("llama", dtype=torch.bfloat16)
-    assert {p.dtype for _, l in lk.adapted_layers(model) for p in l.adapters.parameters()} == {
-        torch.bfloat16
-    }
+    assert {
+        p.dtype for _, layer in lk.adapted_layers(model) for p in layer.adapters.parameters()
+    } == {torch.bfloat16}
     _, model = _injected("llama", dtype=torch.bfloat16, adapter_dtype="float32")
-    assert {p.dtype for _, l in lk.adapted_layers(model) for p in l.adapters.parameters()} == {
-        torch.float32
-    }
+    assert {
+        p.dtype for _, layer in lk.adapted_layers(model) for p in layer.adapters.parameters()
+    } == {torch.float32}
     ids = torch.randint(0, 64, (1, 8))
     model.train()
     logits(model, ids).float().mean().backward()
     assert all(
         p.grad is not None and p.grad.dtype == torch.float32
-        for _, l in lk.adapted_layers(model)
-        for p in l.adapters.parameters()
+        for _, layer in lk.adapted_layers(model)
+        for p in layer.adapters.parameters()
     )
 
 

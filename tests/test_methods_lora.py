@@ -13,7 +13,11 @@ from lorakit.methods.lora import LoRAFunction
 def _inputs(fifo: bool, bias: bool, dtype=torch.float64, n=5, d_in=6, d_out=4, r=3):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(n, d_in, dtype=dtype, generator=g, requires_grad=True)
-    w = torch.randn(d_in, d_out, dtype=dtype, generator=g) if fifo else torch.randn(d_out, d_in, dtype=dtype, generator=g)
+    w = (
+        torch.randn(d_in, d_out, dtype=dtype, generator=g)
+        if fifo
+        else torch.randn(d_out, d_in, dtype=dtype, generator=g)
+    )
     b = torch.randn(d_out, dtype=dtype, generator=g) if bias else None
     A = torch.randn(r, d_in, dtype=dtype, generator=g, requires_grad=True)
     B = torch.randn(d_out, r, dtype=dtype, generator=g, requires_grad=True)
@@ -46,8 +50,13 @@ def test_matches_plain_autograd(fifo):
 
 def test_bf16_on_cpu_matches_fp32_reference():
     # 16-bit inputs on CPU: the low-rank GEMMs run in fp32, gradients come back in bf16.
-    x, w, b, A, B = (t.detach() if t is not None else None for t in _inputs(False, True, torch.float32, 32, 16, 8, 4))
-    xb, wb, bb, Ab, Bb = (t.bfloat16().requires_grad_(t is not w and t is not b) for t in (x, w, b, A, B))
+    x, w, b, A, B = (
+        t.detach() if t is not None else None
+        for t in _inputs(False, True, torch.float32, 32, 16, 8, 4)
+    )
+    xb, wb, bb, Ab, Bb = (
+        t.bfloat16().requires_grad_(t is not w and t is not b) for t in (x, w, b, A, B)
+    )
     y = LoRAFunction.apply(xb, wb, bb, Ab, Bb, 1.5, False)
     assert y.dtype == torch.bfloat16
     y.float().sum().backward()

@@ -23,13 +23,15 @@ import torch
 from torch import nn
 
 from .config import LoRAConfig
-from .inject import adapted_layers, add_adapter, active_adapter, freeze_base, set_adapter
+from .inject import active_adapter, adapted_layers, add_adapter, freeze_base, set_adapter
 from .layers import AdaptedLayer, layer_kind
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PREFIX = "base_model.model."
 _PICKLES = ("adapter_model.bin", "adapter_model.pt", "adapter_model.pth", "adapter_model.pkl")
+# PEFT also saves whole embedding weights when an embedding is targeted (save_embedding_layers).
+_BASE_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<path>.+)\.base_layer\.weight$")
 _KEY = re.compile(
     r"^(?:base_model\.model\.)?(?P<path>.+?)\."
     r"(?:(?P<lin>lora_[AB])(?:\.[^.]+)?\.weight|(?P<emb>lora_embedding_[AB])(?:\.[^.]+)?)$"
@@ -122,7 +124,9 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, name: str | None = N
         "layers_to_transform": None,
         "layers_pattern": None,
         "rank_pattern": {f"^{re.escape(p)}": c.rank for p, c in configs.items() if c.rank != r},
-        "alpha_pattern": {f"^{re.escape(p)}": c.alpha for p, c in configs.items() if c.alpha != alpha},
+        "alpha_pattern": {
+            f"^{re.escape(p)}": c.alpha for p, c in configs.items() if c.alpha != alpha
+        },
         "use_dora": False,
         "revision": None,
     }
@@ -182,7 +186,9 @@ def _read_tensors(folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]
             metadata = f.metadata() or {}
             tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open API)
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise ValueError(f"{file} is truncated or corrupted (not a valid safetensors file): {e}") from e
+        raise ValueError(
+            f"{file} is truncated or corrupted (not a valid safetensors file): {e}"
+        ) from e
     return tensors, metadata
 
 
@@ -224,7 +230,11 @@ def load_adapter(
     # Group A/B tensors by module path.
     found: dict[str, dict[str, torch.Tensor]] = {}
     kinds: dict[str, str] = {}
+    base_weights: dict[str, torch.Tensor] = {}
     for key, t in tensors.items():
+        if (b := _BASE_KEY.match(key)) is not None:
+            base_weights[b["path"]] = t
+            continue
         m = _KEY.match(key)
         if m is None:
             raise ValueError(
@@ -280,8 +290,17 @@ def load_adapter(
         alpha = _pattern_value(config.get("alpha_pattern"), p, base.alpha)
         configs[p] = base.replace(rank=r, alpha=float(alpha), targets=[p])
 
+    for p, t in base_weights.items():
+        if p not in found or t.shape != model.get_submodule(p).weight.shape:
+            raise ValueError(
+                f"{folder / WEIGHTS_NAME}: saved base weight for {p!r} of shape {tuple(t.shape)} "
+                f"does not fit the model"
+            )
+
     add_adapter(model, sorted(found), configs, name)
     with torch.no_grad():
+        for p, t in base_weights.items():
+            model.get_submodule(p).weight.copy_(t)
         for p, layer in adapted_layers(model):
             if p in found:
                 adapter = layer.adapters[name]

@@ -63,7 +63,9 @@ def describe_layers(model: nn.Module) -> str:
     example = {}
     for p, m in layers:
         example.setdefault(p.rsplit(".", 1)[-1], (p, type(m).__name__))
-    parts = [f"{leaf} x{n} ({example[leaf][1]}, e.g. {example[leaf][0]!r})" for leaf, n in counts.items()]
+    parts = [
+        f"{leaf} x{n} ({example[leaf][1]}, e.g. {example[leaf][0]!r})" for leaf, n in counts.items()
+    ]
     return "adaptable layers: " + "; ".join(parts)
 
 
@@ -97,9 +99,7 @@ def match_targets(model: nn.Module, targets: str | tuple[str, ...] | list[str]) 
             if not hits:
                 unmatched.append(suffix)
         if unmatched:
-            raise ValueError(
-                f"targets {unmatched} matched no layer; {describe_layers(model)}"
-            )
+            raise ValueError(f"targets {unmatched} matched no layer; {describe_layers(model)}")
         found = [p for p, _ in layers if any(p == s or p.endswith("." + s) for s in targets)]
     if not found:
         raise ValueError(f"targets {targets!r} matched no layer; {describe_layers(model)}")

@@ -54,7 +54,9 @@ def _param_storages(modules: Iterable[nn.Module]) -> set[tuple[str, int]]:
     return keys
 
 
-def count_saved(model: nn.Module | Iterable[nn.Module], fn: Callable[[], object]) -> tuple[object, int]:
+def count_saved(
+    model: nn.Module | Iterable[nn.Module], fn: Callable[[], object]
+) -> tuple[object, int]:
     """Run ``fn()`` (usually a forward + loss) and count the bytes it saves for backward.
 
     Returns:

@@ -60,7 +60,9 @@ def add_low_rank(y: torch.Tensor, h: torch.Tensor, B: torch.Tensor, scaling: flo
     return y.add_(h.to(cd) @ B.to(cd).t(), alpha=scaling)
 
 
-def _base(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, fifo: bool) -> torch.Tensor:
+def _base(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, fifo: bool
+) -> torch.Tensor:
     # x (N, in); weight (out, in), or (in, out) when fan_in_fan_out (GPT-2 Conv1D).
     w = weight if fifo else weight.t()
     return x @ w if bias is None else torch.addmm(bias, x, w)
@@ -161,7 +163,13 @@ class LoRA(nn.Module):
             y = add_low_rank(y, h, self.lora_B, self.scaling)
         else:
             y = LoRAFunction.apply(
-                x2, layer.weight, layer.bias, self.lora_A, self.lora_B, self.scaling, layer.fan_in_fan_out
+                x2,
+                layer.weight,
+                layer.bias,
+                self.lora_A,
+                self.lora_B,
+                self.scaling,
+                layer.fan_in_fan_out,
             )
         return y.view(*lead, y.shape[-1])
 
@@ -170,7 +178,9 @@ class LoRA(nn.Module):
         y = layer.base_forward(ids)  # (..., dim)
         h = F.embedding(ids, self.lora_A.t(), padding_idx=layer.base_layer.padding_idx)  # (..., r)
         dim = y.shape[-1]
-        out = add_low_rank(y.reshape(-1, dim), h.reshape(-1, h.shape[-1]), self.lora_B, self.scaling)
+        out = add_low_rank(
+            y.reshape(-1, dim), h.reshape(-1, h.shape[-1]), self.lora_B, self.scaling
+        )
         return out.view(y.shape)
 
     def extra_repr(self) -> str:

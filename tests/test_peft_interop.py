@@ -1,0 +1,92 @@
+"""PEFT loads what we save and we load what PEFT saves, with the same logits."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import MODELS, build, logits, perturb
+
+import lorakit as lk
+
+peft = pytest.importorskip("peft")
+
+
+def _targets(name: str, which: str):
+    return "all-linear" if which == "all-linear" else MODELS[name][1]
+
+
+@pytest.mark.parametrize("which", ["all-linear", "with-embedding"])
+@pytest.mark.parametrize("rslora", [False, True])
+def test_peft_loads_ours(model_name, which, rslora, ids, tmp_path):
+    model = lk.inject(
+        build(model_name),
+        lk.LoRAConfig(rank=4, alpha=8, targets=_targets(model_name, which), use_rslora=rslora),
+    )
+    perturb(model, scale=0.1)
+    ours = logits(model, ids)
+    lk.save_adapter(model, tmp_path)
+    peft_model = peft.PeftModel.from_pretrained(build(model_name), tmp_path)
+    peft_model.eval()
+    torch.testing.assert_close(logits(peft_model, ids), ours, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("which", ["all-linear", "with-embedding"])
+def test_we_load_peft(model_name, which, ids, tmp_path):
+    targets = _targets(model_name, which)
+    peft_targets = "all-linear" if targets == "all-linear" else list(targets)
+    cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=peft_targets, init_lora_weights=False)
+    peft_model = peft.get_peft_model(build(model_name), cfg)
+    peft_model.eval()
+    expected = logits(peft_model, ids)
+    peft_model.save_pretrained(tmp_path)
+    ours = lk.load_adapter(build(model_name), tmp_path)
+    torch.testing.assert_close(logits(ours, ids), expected, rtol=0, atol=1e-5)
+    # ... and the same set of layers was adapted.
+    peft_layers = {
+        n.removeprefix("base_model.model.")
+        for n, m in peft_model.named_modules()
+        if hasattr(m, "lora_A") and (m.lora_A or m.lora_embedding_A)
+    }
+    assert {p for p, _ in lk.adapted_layers(ours)} == peft_layers
+
+
+def test_we_load_peft_rank_and_alpha_patterns(ids, tmp_path):
+    cfg = peft.LoraConfig(
+        r=4,
+        lora_alpha=8,
+        target_modules=["q_proj", "v_proj"],
+        rank_pattern={"v_proj": 2},
+        alpha_pattern={r"model\.layers\.1\.self_attn\.q_proj": 3},
+        init_lora_weights=False,
+    )
+    peft_model = peft.get_peft_model(build("llama"), cfg).eval()
+    expected = logits(peft_model, ids)
+    peft_model.save_pretrained(tmp_path)
+    ours = lk.load_adapter(build("llama"), tmp_path)
+    torch.testing.assert_close(logits(ours, ids), expected, rtol=0, atol=1e-5)
+
+
+def test_config_fields(ids, tmp_path):
+    src = lk.inject(build("llama"), lk.LoRAConfig(rank=4, alpha=8, targets=["q_proj"]))
+    perturb(src, scale=0.1)
+    lk.save_adapter(src, tmp_path / "a")
+    cfg = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    assert cfg["r"] == 4 and cfg["lora_alpha"] == 8 and cfg["target_modules"] == ["q_proj"]
+    peft_model = peft.PeftModel.from_pretrained(build("llama"), tmp_path / "a").eval()
+    torch.testing.assert_close(logits(peft_model, ids), logits(src, ids), rtol=0, atol=1e-5)
+
+
+def test_target_modules_regex_when_suffixes_overreach(ids, tmp_path):
+    # Only layer 0's q_proj: the leaf name "q_proj" would select layer 1 too, so a regex is written.
+    model = lk.inject(
+        build("llama"), lk.LoRAConfig(rank=2, targets=r"model\.layers\.0\.self_attn\.q_proj")
+    )
+    perturb(model, scale=0.1)
+    lk.save_adapter(model, tmp_path)
+    cfg = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert isinstance(cfg["target_modules"], str)
+    peft_model = peft.PeftModel.from_pretrained(build("llama"), tmp_path).eval()
+    torch.testing.assert_close(logits(peft_model, ids), logits(model, ids), rtol=0, atol=1e-5)
+    assert sum(1 for _ in peft_model.named_modules() if _[0].endswith("q_proj")) == 2
