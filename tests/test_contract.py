@@ -27,14 +27,14 @@ def _injected(model_name, which="all-linear", dtype=torch.float32, **cfg):
 
 
 @pytest.mark.parametrize("which", TARGET_SETS)
-def test_identity_at_init(model_name, which, ids):
-    base, model = _injected(model_name, which)
+def test_identity_at_init(model_name, method, which, ids):
+    base, model = _injected(model_name, which, method=method)
     assert torch.equal(logits(base, ids), logits(model, ids))
 
 
 @pytest.mark.parametrize("which", TARGET_SETS)
-def test_changed_after_perturbing_B(model_name, which, ids):
-    base, model = _injected(model_name, which)
+def test_changed_after_perturbing_B(model_name, method, which, ids):
+    base, model = _injected(model_name, which, method=method)
     perturb(model)
     diff = (logits(base, ids) - logits(model, ids)).abs().max()
     assert diff > 1e-3
@@ -42,8 +42,8 @@ def test_changed_after_perturbing_B(model_name, which, ids):
 
 @pytest.mark.parametrize("which", TARGET_SETS)
 @pytest.mark.parametrize(("dtype", "tol"), [(torch.float64, 1e-10), (torch.float32, 1e-5)])
-def test_merged_equals_unmerged(model_name, which, dtype, tol, ids):
-    _, model = _injected(model_name, which, dtype=dtype, rank=4, alpha=8)
+def test_merged_equals_unmerged(model_name, method, which, dtype, tol, ids):
+    _, model = _injected(model_name, which, dtype=dtype, rank=4, alpha=8, method=method)
     perturb(model, scale=0.1)
     before = logits(model, ids)
     merged = lk.merge(model)
@@ -53,8 +53,8 @@ def test_merged_equals_unmerged(model_name, which, dtype, tol, ids):
     torch.testing.assert_close(logits(merged, ids), before, rtol=0, atol=tol)
 
 
-def test_merge_twice_is_noop(model_name, ids):
-    _, model = _injected(model_name, "with-embedding")
+def test_merge_twice_is_noop(model_name, method, ids):
+    _, model = _injected(model_name, "with-embedding", method=method)
     perturb(model, scale=0.1)
     # Per layer: merging the same adapter again changes nothing.
     for _, layer in lk.adapted_layers(model):
@@ -71,8 +71,8 @@ def test_merge_twice_is_noop(model_name, ids):
     torch.testing.assert_close(logits(model, ids), once, rtol=0, atol=1e-5)
 
 
-def test_unmerge_restores(model_name, ids):
-    base, model = _injected(model_name, "with-embedding", dtype=torch.float64)
+def test_unmerge_restores(model_name, method, ids):
+    base, model = _injected(model_name, "with-embedding", dtype=torch.float64, method=method)
     perturb(model, scale=0.1)
     unmerged = logits(model, ids)
     for _, layer in lk.adapted_layers(model):
@@ -86,8 +86,9 @@ def test_unmerge_restores(model_name, ids):
 
 
 @pytest.mark.parametrize("which", TARGET_SETS)
-def test_base_bit_identical_after_adamw_step(model_name, which, ids):
-    base, model = _injected(model_name, which)
+def test_base_bit_identical_after_adamw_step(model_name, method, which, ids):
+    base, model = _injected(model_name, which, method=method)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
     # All parameters go to the optimizer, with weight decay: frozen ones must not move.
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
     model.train()
@@ -95,29 +96,33 @@ def test_base_bit_identical_after_adamw_step(model_name, which, ids):
         logits(model, ids).float().pow(2).mean().backward()
         opt.step()
         opt.zero_grad()
-    adapter_ids = {
-        id(p) for _, layer in lk.adapted_layers(model) for p in layer.adapters.parameters()
-    }
+    after = model.state_dict()
     base_state = base.state_dict()
-    for k, v in model.state_dict().items():
+    for k, v in after.items():
         if ".adapters." not in k:
             assert torch.equal(v, base_state[k]), k
-    moved = [p for p in model.parameters() if id(p) in adapter_ids and p.requires_grad]
-    assert moved and all(p.grad is None for p in moved)  # zero_grad(set_to_none)
-    trainable = {id(p) for p in model.parameters() if p.requires_grad}
-    assert trainable == adapter_ids
+    trained = [k for k in after if k.endswith("lora_B")]
+    assert trained and any(not torch.equal(after[k], before[k]) for k in trained)
+    if method == "lora_fa":  # A is frozen too, bit for bit
+        frozen_A = [k for k in after if k.endswith("lora_A")]
+        assert frozen_A and all(torch.equal(after[k], before[k]) for k in frozen_A)
+    adapter_params = {
+        id(p) for _, layer in lk.adapted_layers(model) for p in layer.adapters.parameters()
+    }
+    assert {id(p) for p in model.parameters() if p.requires_grad} == adapter_params
 
 
-def test_only_adapter_trainable(model_name):
-    _, model = _injected(model_name)
+def test_only_adapter_trainable(model_name, method):
+    _, model = _injected(model_name, method=method)
     names = [n for n, p in model.named_parameters() if p.requires_grad]
-    assert names and all(n.endswith(("lora_A", "lora_B")) for n in names)
+    trained = ("lora_B",) if method == "lora_fa" else ("lora_A", "lora_B")
+    assert names and all(n.endswith(trained) for n in names)
     trainable, total = lk.count_parameters(model)
     assert 0 < trainable < total
 
 
-def test_state_dict_keeps_base_names(model_name):
-    base, model = _injected(model_name, "with-embedding")
+def test_state_dict_keeps_base_names(model_name, method):
+    base, model = _injected(model_name, "with-embedding", method=method)
     base_keys = set(base.state_dict())
     keys = set(model.state_dict())
     assert base_keys <= keys
@@ -128,10 +133,10 @@ def test_state_dict_keeps_base_names(model_name):
 
 
 @pytest.mark.parametrize("which", TARGET_SETS)
-def test_exact_adapter_keys(model_name, which, tmp_path):
+def test_exact_adapter_keys(model_name, method, which, tmp_path):
     from safetensors.torch import load_file
 
-    base, model = _injected(model_name, which)
+    base, model = _injected(model_name, which, method=method)
     paths = lk.match_targets(base, _targets(model_name, which))
     lk.save_adapter(model, tmp_path)
     keys = set(load_file(tmp_path / "adapter_model.safetensors"))
@@ -151,8 +156,8 @@ def test_exact_adapter_keys(model_name, which, tmp_path):
 
 
 @pytest.mark.parametrize("which", TARGET_SETS)
-def test_save_load_round_trip(model_name, which, ids, tmp_path):
-    _, model = _injected(model_name, which, rank=4, alpha=8)
+def test_save_load_round_trip(model_name, method, which, ids, tmp_path):
+    _, model = _injected(model_name, which, rank=4, alpha=8, method=method)
     perturb(model, scale=0.1)
     lk.save_adapter(model, tmp_path / "a")
     loaded = lk.load_adapter(build(model_name), tmp_path / "a")

@@ -77,8 +77,8 @@ def test_inject_twice_same_name():
 
 
 def test_unimplemented_method():
-    with pytest.raises(NotImplementedError, match=r"lora_fa.*not implemented yet"):
-        lk.inject(build("mlp"), lk.LoRAConfig(method="lora_fa"))
+    with pytest.raises(NotImplementedError, match=r"lors.*not implemented yet"):
+        lk.inject(build("mlp"), lk.LoRAConfig(method="lors"))
 
 
 def test_bad_adapter_name():

@@ -19,10 +19,12 @@ def _targets(name: str, which: str):
 
 @pytest.mark.parametrize("which", ["all-linear", "with-embedding"])
 @pytest.mark.parametrize("rslora", [False, True])
-def test_peft_loads_ours(model_name, which, rslora, ids, tmp_path):
+def test_peft_loads_ours(model_name, method, which, rslora, ids, tmp_path):
     model = lk.inject(
         build(model_name),
-        lk.LoRAConfig(rank=4, alpha=8, targets=_targets(model_name, which), use_rslora=rslora),
+        lk.LoRAConfig(
+            method=method, rank=4, alpha=8, targets=_targets(model_name, which), use_rslora=rslora
+        ),
     )
     perturb(model, scale=0.1)
     ours = logits(model, ids)

@@ -16,6 +16,7 @@ import os
 import re
 import tempfile
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -200,27 +201,19 @@ def _pattern_value(patterns: dict[str, Any], path: str, default: Any) -> Any:
     return default
 
 
-def load_adapter(
-    model: nn.Module,
-    path: str | os.PathLike,
-    name: str = "default",
-    *,
-    trainable: bool = False,
-) -> nn.Module:
-    """Load an adapter saved by lorakit or by PEFT into ``model``, in place.
+@dataclass
+class AdapterFile:
+    """A parsed adapter folder."""
 
-    Every check runs before the model is touched: a mismatched file leaves the model as it was.
+    config: dict[str, Any]  # adapter_config.json
+    weights: dict[str, dict[str, torch.Tensor]]  # module path -> {"A": (r, in), "B": (out, r)}
+    kinds: dict[str, str]  # module path -> "linear" | "embedding"
+    base_weights: dict[str, torch.Tensor]  # module path -> whole weight PEFT saved alongside
+    metadata: dict[str, str]  # safetensors header metadata
 
-    Args:
-        model: the base model (or a model that already has other adapters).
-        path: adapter directory (``adapter_config.json`` + ``adapter_model.safetensors``).
-        name: the name to give the adapter on the model.
-        trainable: leave the adapter trainable (to continue training); by default everything is
-            frozen, like PEFT's inference mode.
 
-    Returns:
-        ``model``, with the loaded adapter active.
-    """
+def read_adapter(path: str | os.PathLike) -> AdapterFile:
+    """Parse and check an adapter folder without touching any model."""
     folder = Path(path)
     if not folder.is_dir():
         raise FileNotFoundError(f"adapter folder {folder} does not exist")
@@ -246,7 +239,59 @@ def load_adapter(
         kinds[m["path"]] = "embedding" if m["emb"] else "linear"
     if not found:
         raise ValueError(f"{folder / WEIGHTS_NAME} holds no LoRA weights")
+    for p, pair in found.items():
+        if set(pair) != {"A", "B"}:
+            missing = ({"A", "B"} - set(pair)).pop()
+            raise ValueError(f"{folder / WEIGHTS_NAME}: module {p} lacks lora_{missing}")
+    return AdapterFile(config, found, kinds, base_weights, metadata)
 
+
+def copy_adapter_weights(
+    model: nn.Module, found: dict[str, dict[str, torch.Tensor]], name: str
+) -> None:
+    """Copy A/B tensors into adapter ``name`` of an injected model; the layer sets must match."""
+    layers = {p: layer for p, layer in adapted_layers(model) if name in layer.adapters}
+    if set(layers) != set(found):
+        missing, extra = sorted(set(layers) - set(found)), sorted(set(found) - set(layers))
+        raise ValueError(
+            f"adapter layers differ from the model's: missing {missing}, unexpected {extra}"
+        )
+    with torch.no_grad():
+        for p, layer in layers.items():
+            adapter = layer.adapters[name]
+            for which in ("A", "B"):
+                dst, src = getattr(adapter, f"lora_{which}"), found[p][which]
+                if dst.shape != src.shape:
+                    raise ValueError(
+                        f"lora_{which} of {p}: saved {tuple(src.shape)}, model {tuple(dst.shape)}"
+                    )
+                dst.copy_(src)
+
+
+def load_adapter(
+    model: nn.Module,
+    path: str | os.PathLike,
+    name: str = "default",
+    *,
+    trainable: bool = False,
+) -> nn.Module:
+    """Load an adapter saved by lorakit or by PEFT into ``model``, in place.
+
+    Every check runs before the model is touched: a mismatched file leaves the model as it was.
+
+    Args:
+        model: the base model (or a model that already has other adapters).
+        path: adapter directory (``adapter_config.json`` + ``adapter_model.safetensors``).
+        name: the name to give the adapter on the model.
+        trainable: leave the adapter trainable (to continue training); by default everything is
+            frozen, like PEFT's inference mode.
+
+    Returns:
+        ``model``, with the loaded adapter active.
+    """
+    folder = Path(path)
+    file = read_adapter(folder)
+    config, found, kinds, metadata = file.config, file.weights, file.kinds, file.metadata
     method = metadata.get("lorakit_method", "lora")
     base = LoRAConfig(
         method=method,
@@ -259,9 +304,6 @@ def load_adapter(
     )
     configs: dict[str, LoRAConfig] = {}
     for p, pair in sorted(found.items()):
-        if set(pair) != {"A", "B"}:
-            missing = {"A", "B"} - set(pair)
-            raise ValueError(f"{folder / WEIGHTS_NAME}: module {p} lacks lora_{missing.pop()}")
         try:
             module = model.get_submodule(p)
         except AttributeError:
@@ -290,7 +332,7 @@ def load_adapter(
         alpha = _pattern_value(config.get("alpha_pattern"), p, base.alpha)
         configs[p] = base.replace(rank=r, alpha=float(alpha), targets=[p])
 
-    for p, t in base_weights.items():
+    for p, t in file.base_weights.items():
         if p not in found or t.shape != model.get_submodule(p).weight.shape:
             raise ValueError(
                 f"{folder / WEIGHTS_NAME}: saved base weight for {p!r} of shape {tuple(t.shape)} "
@@ -299,13 +341,9 @@ def load_adapter(
 
     add_adapter(model, sorted(found), configs, name)
     with torch.no_grad():
-        for p, t in base_weights.items():
+        for p, t in file.base_weights.items():
             model.get_submodule(p).weight.copy_(t)
-        for p, layer in adapted_layers(model):
-            if p in found:
-                adapter = layer.adapters[name]
-                adapter.lora_A.copy_(found[p]["A"])
-                adapter.lora_B.copy_(found[p]["B"])
+    copy_adapter_weights(model, found, name)
     freeze_base(model)
     set_adapter(model, name)
     if not trainable:

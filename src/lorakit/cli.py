@@ -1,2 +1,290 @@
-def main():
-    pass
+"""The ``lorakit`` command: a thin shell over the library (train, eval, merge, demo)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+
+def _targets(value: str) -> str | list[str]:
+    """``all-linear``, a comma-separated list of module-name suffixes, or a regex (``re:...``)."""
+    if value == "all-linear":
+        return value
+    if value.startswith("re:"):
+        return value[3:]
+    return [t.strip() for t in value.split(",") if t.strip()]
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--model",
+        default="smollm2-135m",
+        help="embedded model (smollm2-135m, minilm), local HF folder or hub id",
+    )
+    p.add_argument(
+        "--data",
+        default="rotten-tomatoes",
+        help="built-in dataset (rotten-tomatoes, shakespeare), .jsonl/.txt/.csv file, or a datasets name",
+    )
+    p.add_argument(
+        "--dtype", default="float32", choices=["float32", "bfloat16"], help="model dtype"
+    )
+    p.add_argument("--seed", type=int, default=0, help="random seed")
+    p.add_argument(
+        "--max-len",
+        type=int,
+        default=256,
+        help="tokens per example; longer prompts are cut from the left with a warning",
+    )
+
+
+def _train_args(p: argparse.ArgumentParser) -> None:
+    _common(p)
+    p.add_argument(
+        "--method",
+        default="lora",
+        choices=["lora", "lora_fa", "lors", "full"],
+        help="adapter method, or full fine-tuning",
+    )
+    p.add_argument("--rank", type=int, default=16, help="adapter rank r")
+    p.add_argument("--alpha", type=float, default=32.0, help="scaling numerator: s = alpha / r")
+    p.add_argument("--dropout", type=float, default=0.0, help="dropout on the adapter input")
+    p.add_argument(
+        "--targets",
+        type=_targets,
+        default="all-linear",
+        help="all-linear | comma-separated suffixes (q_proj,v_proj) | re:<regex>",
+    )
+    p.add_argument(
+        "--task",
+        default="auto",
+        choices=["auto", "lm", "classify", "sft"],
+        help="auto: classify if the data has labels, sft for prompt/completion, else lm",
+    )
+    p.add_argument("--max-steps", type=int, default=100, help="optimizer steps")
+    p.add_argument(
+        "--batch-size", type=int, default=16, help="global batch size (examples per optimizer step)"
+    )
+    p.add_argument(
+        "--micro-batch-size",
+        type=int,
+        default=0,
+        help="examples per forward pass (gradient accumulation); 0: the whole batch",
+    )
+    p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
+    p.add_argument("--warmup", type=float, default=0.06, help="warmup as a fraction of max steps")
+    p.add_argument(
+        "--schedule",
+        default="cosine",
+        choices=["cosine", "linear", "constant"],
+        help="learning-rate schedule after warmup",
+    )
+    p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
+    p.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping (0: off)")
+    p.add_argument(
+        "--eval-every", type=int, default=0, help="evaluate every N steps (0: at the end)"
+    )
+    p.add_argument(
+        "--eval-examples", type=int, default=0, help="validation examples per evaluation (0: all)"
+    )
+    p.add_argument(
+        "--save-every", type=int, default=50, help="checkpoint every N steps (0: at the end)"
+    )
+    p.add_argument(
+        "--output", default="runs/lorakit", help="output folder: adapter, checkpoint, metrics, plot"
+    )
+    p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --output")
+    p.add_argument(
+        "--overwrite", action="store_true", help="start afresh even if --output holds a checkpoint"
+    )
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _train_config(a: argparse.Namespace):
+    from .train import TrainConfig
+
+    return TrainConfig(
+        model=a.model, data=a.data, method=a.method, rank=a.rank, alpha=a.alpha, dropout=a.dropout,
+        targets=a.targets, task=a.task, max_steps=a.max_steps, batch_size=a.batch_size,
+        micro_batch_size=a.micro_batch_size, lr=a.lr, warmup=a.warmup, schedule=a.schedule,
+        weight_decay=a.weight_decay, max_grad_norm=a.max_grad_norm, dtype=a.dtype, seed=a.seed,
+        max_len=a.max_len, eval_every=a.eval_every, eval_examples=a.eval_examples,
+        save_every=a.save_every, output=a.output, progress=not a.no_progress,
+    )  # fmt: skip
+
+
+def table(rows: list[tuple[str, str]], title: str = "") -> str:
+    width = max(len(k) for k, _ in rows)
+    lines = [title] if title else []
+    lines += [f"  {k:<{width}}  {v}" for k, v in rows]
+    return "\n".join(lines)
+
+
+def cmd_train(a: argparse.Namespace) -> int:
+    from .train import train
+
+    result = train(_train_config(a), resume=a.resume, overwrite=a.overwrite)
+    s = result["summary"]
+    print(_summary_table(s))
+    return 0
+
+
+def _summary_table(s: dict) -> str:
+    rows = [
+        ("method", s["method"]),
+        ("steps", str(s["steps"])),
+        (
+            "trainable params",
+            f"{s['trainable_params']:,} of {s['total_params']:,} ({100 * s['trainable_params'] / s['total_params']:.2f} %)",
+        ),
+        ("time", f"{s['time_s']:.1f} s"),
+        ("tokens/s", f"{s['tokens_per_s']:.0f}"),
+        ("peak memory", f"{s['peak_memory_mib']:.0f} MiB"),
+        ("final train loss", f"{s['final_loss']:.4f}" if s["final_loss"] is not None else "-"),
+    ]
+    rows += [(k, f"{v:.4f}") for k, v in s.items() if k.startswith("val_")]
+    rows.append(("output", s["output"]))
+    return table(rows, "Training summary")
+
+
+def cmd_eval(a: argparse.Namespace) -> int:
+    from . import data
+    from .adapters import load_adapter
+    from .config import DTYPES
+    from .evaluate import accuracy, classify, perplexity
+    from .models import load_model
+    from .train import classification_prompt
+
+    model, tok = load_model(a.model, dtype=DTYPES[a.dtype])
+    if a.adapter:
+        load_adapter(model, a.adapter)
+    records = data.load_records(a.data, a.split)
+    if a.limit:
+        records = records[: a.limit]
+    result: dict[str, float | str | int] = {
+        "model": a.model,
+        "adapter": a.adapter or "-",
+        "data": a.data,
+        "split": a.split,
+    }
+    names = data.label_names(a.data)
+    if not a.perplexity and (names or (records and "label" in records[0])):
+        names = names or sorted({str(r["label"]) for r in records})
+        template, words = classification_prompt(tok, names)
+        preds = classify(
+            model, tok, [template.replace("{text}", r["text"]) for r in records], words
+        )
+        result["accuracy"] = accuracy(preds, [r["label"] for r in records])
+    else:
+        blocks = data.lm_blocks(records, tok, a.max_len)
+        result["perplexity"] = perplexity(model, blocks)
+    result["examples"] = len(records)
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+def cmd_merge(a: argparse.Namespace) -> int:
+    from .adapters import load_adapter
+    from .config import DTYPES
+    from .inject import merge
+    from .models import load_model
+
+    model, tok = load_model(a.model, dtype=DTYPES[a.dtype])
+    merge(load_adapter(model, a.adapter))
+    out = Path(a.output)
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    print(f"merged model written to {out}")
+    return 0
+
+
+def cmd_demo(a: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    return run_demo(output=a.output, max_steps=a.max_steps, seed=a.seed)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lorakit", description="Memory-efficient low-rank fine-tuning (LoRA, LoRA-FA, LoRS)."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser(
+        "train",
+        help="fine-tune a model with an adapter (or fully)",
+        description="Fine-tune a model on a dataset; writes adapter, checkpoint, metrics.jsonl/csv, loss.png and summary.json to --output.",
+    )
+    _train_args(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser(
+        "eval",
+        help="accuracy (labelled data) or perplexity (text)",
+        description="Evaluate a model, optionally with an adapter: label-word accuracy on labelled data, else perplexity.",
+    )
+    _common(p)
+    p.add_argument("--adapter", default=None, help="adapter folder to load first")
+    p.add_argument(
+        "--split", default="test", choices=["train", "validation", "test"], help="data split"
+    )
+    p.add_argument(
+        "--perplexity", action="store_true", help="perplexity even if the data has labels"
+    )
+    p.add_argument(
+        "--limit", type=int, default=0, help="evaluate the first N examples only (0: all)"
+    )
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser(
+        "merge",
+        help="merge an adapter into its base and save a plain HF model",
+        description="Load a base model and an adapter, merge, and save a plain Hugging Face folder.",
+    )
+    p.add_argument("--model", default="smollm2-135m", help="base model")
+    p.add_argument("--adapter", required=True, help="adapter folder (lorakit or PEFT)")
+    p.add_argument("--output", required=True, help="output folder for the merged model")
+    p.add_argument(
+        "--dtype", default="float32", choices=["float32", "bfloat16"], help="model dtype"
+    )
+    p.set_defaults(func=cmd_merge)
+
+    p = sub.add_parser(
+        "demo",
+        help="the main job: zero-shot -> LoRA fine-tune -> merge, on the embedded model and data",
+        description="On SmolLM2-135M and rotten-tomatoes: zero-shot accuracy, LoRA fine-tune, accuracy again, save the adapter, merge, check the merged model agrees.",
+    )
+    p.add_argument("--output", default="runs/demo", help="output folder")
+    p.add_argument("--max-steps", type=int, default=None, help="override the demo's training steps")
+    p.add_argument("--seed", type=int, default=0, help="random seed")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    t0 = time.perf_counter()
+    try:
+        code = args.func(args)
+    except (
+        ValueError,
+        FileNotFoundError,
+        FileExistsError,
+        NotImplementedError,
+        FloatingPointError,
+    ) as e:
+        print(f"lorakit {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    if args.command != "demo":
+        print(f"({time.perf_counter() - t0:.1f} s)", file=sys.stderr)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -37,6 +37,9 @@ class LoRAConfig:
     use_rslora: bool = False  # rank-stabilised scaling alpha / sqrt(r)
     bias: Literal["none"] = "none"  # biases stay frozen (PEFT's bias="none")
     adapter_dtype: str | None = None  # None: follow the base layer's dtype; else e.g. "float32"
+    grad_correction: bool = (
+        False  # lora_fa only: LoRA-FA v2's g_B (A Aᵀ)⁻¹ / s² before the optimizer
+    )
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -58,6 +61,8 @@ class LoRAConfig:
                 f"adapter_dtype must be None (follow the base) or one of {list(DTYPES)}, "
                 f"got {self.adapter_dtype!r}"
             )
+        if self.grad_correction and self.method != "lora_fa":
+            raise ValueError(f"grad_correction is a LoRA-FA option; method is {self.method!r}")
         targets = self.targets
         if isinstance(targets, (list, tuple)):
             if not targets or not all(isinstance(t, str) and t for t in targets):

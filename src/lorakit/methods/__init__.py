@@ -11,9 +11,10 @@ from __future__ import annotations
 from torch import nn
 
 from .lora import LoRA
+from .lora_fa import LoRAFA
 
-ADAPTERS: dict[str, type[nn.Module]] = {"lora": LoRA}
-PLANNED = {"lora_fa": "LoRA-FA", "lors": "LoRS"}
+ADAPTERS: dict[str, type[nn.Module]] = {"lora": LoRA, "lora_fa": LoRAFA}
+PLANNED = {"lors": "LoRS"}
 
 
 def adapter_class(method: str) -> type[nn.Module]:

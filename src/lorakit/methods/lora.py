@@ -36,10 +36,12 @@ def init_lora_A(A: torch.Tensor, init: str) -> None:
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
-    """dtype for the small low-rank GEMMs: float32 for 16-bit inputs on CPU, else x's dtype.
+    """dtype an adapted layer computes in: float32 for 16-bit inputs on CPU, else x's dtype.
 
-    CPUs without bf16 units run skinny bf16 GEMMs 10-30x slower than fp32 (measured: (512x1536)
-    @ (1536x16) takes 8.1 ms in bf16, 0.26 ms in fp32); the upcast is transient and never saved.
+    CPUs without bf16 units run bf16 GEMMs about 10x slower than fp32 (measured here: (512x576)
+    @ (576x1536) 46 ms in bf16, 5.2 ms in fp32; skinny (512x1536) @ (1536x16) 8.1 ms vs 0.26 ms).
+    The upcast copies are transient, never saved for backward; products of 16-bit numbers are
+    exact in fp32, so this matches a 16-bit GEMM with fp32 accumulation up to summation order.
     """
     if x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16):
         return torch.float32
@@ -58,6 +60,19 @@ def add_low_rank(y: torch.Tensor, h: torch.Tensor, B: torch.Tensor, scaling: flo
     if cd == y.dtype:
         return y.addmm_(h.to(cd), B.to(cd).t(), alpha=scaling)
     return y.add_(h.to(cd) @ B.to(cd).t(), alpha=scaling)
+
+
+def embed_low_rank(
+    ids: torch.Tensor, layer: AdaptedLayer, A: torch.Tensor, B: torch.Tensor, scaling: float
+) -> torch.Tensor:
+    """An adapted embedding's output ``W[ids] + s·Aᵀ[ids] Bᵀ`` (A (r, num_embeddings), B (dim, r)).
+
+    Autograd keeps only the ids (and, for dB, the (N, r) rows of Aᵀ).
+    """
+    y = layer.base_forward(ids)  # (..., dim)
+    h = F.embedding(ids, A.t(), padding_idx=layer.base_layer.padding_idx)  # (..., r)
+    dim = y.shape[-1]
+    return add_low_rank(y.reshape(-1, dim), h.reshape(-1, h.shape[-1]), B, scaling).view(y.shape)
 
 
 def _base(
@@ -79,18 +94,20 @@ class LoRAFunction(torch.autograd.Function):
               with H recomputed from x (an N·in·r GEMM) instead of being kept.
     saves:    x (its storage is shared with every other consumer of x, e.g. q/k/v), plus W, A,
               B, which are parameters: N·in activation elements per layer, PEFT keeps N·(in + r).
-    The low-rank GEMMs run in :func:`compute_dtype` (fp32 for 16-bit inputs on CPU).
+    Everything runs in :func:`compute_dtype` (fp32 for 16-bit inputs on CPU, transiently).
     """
 
     @staticmethod
     def forward(ctx, x, weight, bias, A, B, scaling: float, fan_in_fan_out: bool):
-        y = _base(x, weight, bias, fan_in_fan_out)  # (N, out)
         cd = compute_dtype(x)
-        h = x.to(cd) @ A.to(cd).t()  # (N, r)
-        y = add_low_rank(y, h, B, scaling)
+        x_c = x.to(cd)
+        b = None if bias is None else bias.to(cd)
+        y = _base(x_c, weight.to(cd), b, fan_in_fan_out)  # (N, out)
+        h = x_c @ A.to(cd).t()  # (N, r)
+        y.addmm_(h, B.to(cd).t(), alpha=scaling)
         ctx.save_for_backward(x, weight, A, B)
         ctx.scaling, ctx.fifo = scaling, fan_in_fan_out
-        return y
+        return y.to(x.dtype)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -102,9 +119,9 @@ class LoRAFunction(torch.autograd.Function):
         dh = (g_c @ B.to(cd)) * s  # (N, r)
         dx = dA = dB = None
         if ctx.needs_input_grad[0]:
-            w = weight.t() if ctx.fifo else weight  # (out, in)
-            dx = (g.to(w.dtype) @ w).to(x.dtype)  # (N, in)
-            dx.add_(dh @ A_c)
+            w = weight.to(cd)
+            dx = g_c @ (w.t() if ctx.fifo else w)  # (N, in)
+            dx = dx.addmm_(dh, A_c).to(x.dtype)
         if ctx.needs_input_grad[3]:
             dA = (dh.t() @ x_c).to(A.dtype)  # (r, in)
         if ctx.needs_input_grad[4]:
@@ -152,7 +169,7 @@ class LoRA(nn.Module):
     def forward(self, x: torch.Tensor, layer: AdaptedLayer) -> torch.Tensor:
         """Output of ``layer`` with this adapter: ``base(x) + s·drop(x) Aᵀ Bᵀ``."""
         if layer.kind == "embedding":
-            return self._embed(x, layer)
+            return embed_low_rank(x, layer, self.lora_A, self.lora_B, self.scaling)
         lead = x.shape[:-1]
         x2 = x.reshape(-1, x.shape[-1])  # (N, in), a view for contiguous x
         if self.dropout and self.training:
@@ -172,16 +189,6 @@ class LoRA(nn.Module):
                 layer.fan_in_fan_out,
             )
         return y.view(*lead, y.shape[-1])
-
-    def _embed(self, ids: torch.Tensor, layer: AdaptedLayer) -> torch.Tensor:
-        """Output of an embedding ``layer`` with this adapter: ``W[ids] + s·Aᵀ[ids] Bᵀ``."""
-        y = layer.base_forward(ids)  # (..., dim)
-        h = F.embedding(ids, self.lora_A.t(), padding_idx=layer.base_layer.padding_idx)  # (..., r)
-        dim = y.shape[-1]
-        out = add_low_rank(
-            y.reshape(-1, dim), h.reshape(-1, h.shape[-1]), self.lora_B, self.scaling
-        )
-        return out.view(y.shape)
 
     def extra_repr(self) -> str:
         out, r = self.lora_B.shape

@@ -1,0 +1,98 @@
+"""lorakit LoRA vs PEFT LoRA on the real SmolLM2-135M: saved activations and step time.
+
+Batch 1, seq 512, r=16, alpha=32, all 7 projections, fp32 and bf16, in one run. A step is
+forward + backward + AdamW step. Saved activations are the unique storages autograd keeps for
+backward, parameters and buffers excluded (lorakit.profile). Timed steps alternate between peers.
+
+    .venv/bin/python bench/overhead.py            # STEPS=5 BF16_STEPS=3 SEQ=512 to change
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import (  # noqa: E402
+    PROJECTIONS,
+    Peer,
+    env_flag,
+    fresh,
+    machine,
+    mib,
+    run_interleaved,
+    smollm2,
+    write,
+)
+
+import lorakit as lk  # noqa: E402
+
+
+def peers_for(base: torch.nn.Module, dtype: torch.dtype) -> list[Peer]:
+    from peft import LoraConfig, get_peft_model
+
+    peft_cfg = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=PROJECTIONS)
+    ours = lk.LoRAConfig(rank=16, alpha=32, targets=PROJECTIONS)
+    peers = [
+        Peer("PEFT LoRA", get_peft_model(fresh(base), peft_cfg)),
+        Peer("lorakit LoRA", lk.inject(fresh(base), ours)),
+    ]
+    if dtype != torch.float32:
+        # Reference rows (memory only, not timed): PEFT without its fp32 upcast of x, and lorakit
+        # with fp32 adapter weights (fp32 optimizer states, still no copy of x).
+        off = get_peft_model(fresh(base), peft_cfg, autocast_adapter_dtype=False)
+        peers.append(Peer("PEFT LoRA, upcast off", off, timed=False))
+        fp32 = lk.inject(fresh(base), ours.replace(adapter_dtype="float32"))
+        peers.append(Peer("lorakit LoRA, fp32 adapter", fp32, timed=False))
+    return peers
+
+
+def main() -> None:
+    torch.manual_seed(0)
+    seq = env_flag("SEQ", 512)
+    ids = torch.randint(0, 49152, (1, seq))  # content does not change memory or time
+    rows = []
+    for dtype, steps in (
+        (torch.float32, env_flag("STEPS", 5)),
+        (torch.bfloat16, env_flag("BF16_STEPS", 3)),
+    ):
+        name = str(dtype).removeprefix("torch.")
+        print(f"== {name}", flush=True)
+        base = smollm2(dtype)
+        peers = peers_for(base, dtype)
+        run_interleaved(peers, ids, steps=steps)
+        ref = peers[0]
+        for p in peers:
+            timed = p.timed and p.times
+            rows.append(
+                f"| {name} | {p.name} | {p.trainable:,} | {mib(p.saved_bytes)} | "
+                f"{p.saved_bytes / ref.saved_bytes:.2f}x | "
+                + (f"{p.median:.2f} | {p.median / ref.median:.2f}x |" if timed else "- | - |")
+            )
+        del base, peers
+    table = "\n".join(
+        [
+            "# lorakit LoRA vs PEFT LoRA: per-step overhead",
+            "",
+            f"SmolLM2-135M (real weights), batch 1, seq {seq}, r=16, alpha=32, all 7 projections; "
+            "step = forward + backward + AdamW. Saved = unique storages kept for backward, "
+            "parameters/buffers excluded. Ratios are against PEFT LoRA in the same run.",
+            "",
+            f"Machine: {machine()}.",
+            "",
+            "| dtype | peer | trainable params | saved MiB | saved vs PEFT | median step s | time vs PEFT |",
+            "|---|---|---:|---:|---:|---:|---:|",
+            *rows,
+            "",
+            "Command: `.venv/bin/python bench/overhead.py`",
+            "",
+        ]
+    )
+    print(table)
+    write("overhead.md", table)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,122 @@
+"""Evaluation: causal-LM loss on selected positions, perplexity, label-word classification.
+
+The LM head of a small model is a large share of its compute (SmolLM2: 49,152 x 576). When the loss
+only needs the last K positions (left-padded prompt/completion batches), logits are computed for
+those K positions alone (``logits_to_keep``); the loss is the same, the (tokens x vocab) tensor is not.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+IGNORE = -100
+
+
+def _forward_logits(model: nn.Module, input_ids, attention_mask, keep: int) -> torch.Tensor:
+    """Logits of the last ``keep`` positions (all positions if the model lacks logits_to_keep)."""
+    kwargs = {"input_ids": input_ids, "attention_mask": attention_mask}
+    if attention_mask is not None:  # left padding: positions count real tokens only (GPT-2)
+        kwargs["position_ids"] = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    if keep < input_ids.shape[1]:
+        try:
+            return model(**kwargs, logits_to_keep=keep).logits
+        except TypeError:  # not a transformers causal LM with logits_to_keep
+            pass
+    return model(**kwargs).logits[:, -keep:]
+
+
+def token_losses(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """Summed next-token cross-entropy over label positions, and how many there are.
+
+    ``batch`` has input_ids, attention_mask and labels (-100 where no loss); labels are the
+    input ids themselves (the shift happens here).
+    """
+    ids, mask, labels = batch["input_ids"], batch.get("attention_mask"), batch["labels"]
+    seq = ids.shape[1]
+    has = (labels != IGNORE).any(0).nonzero()
+    if has.numel() == 0:
+        return ids.new_zeros((), dtype=torch.float32), 0
+    first = max(int(has.min()) - 1, 0)  # the logit at p predicts token p + 1
+    keep = seq - first
+    logits = _forward_logits(model, ids, mask, keep)[:, :-1]  # (b, keep - 1, vocab)
+    targets = labels[:, first + 1 :]  # (b, keep - 1)
+    loss = F.cross_entropy(
+        logits.float().reshape(-1, logits.shape[-1]),
+        targets.reshape(-1),
+        ignore_index=IGNORE,
+        reduction="sum",
+    )
+    return loss, int((targets != IGNORE).sum())
+
+
+@torch.no_grad()
+def perplexity(model: nn.Module, blocks: torch.Tensor, batch_size: int = 4) -> float:
+    """Perplexity of ``model`` on token windows ``blocks`` (n, seq)."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for i in range(0, len(blocks), batch_size):
+        ids = blocks[i : i + batch_size]
+        loss, n = token_losses(
+            model, {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+        )
+        total, count = total + float(loss), count + n
+    model.train(was_training)
+    return math.exp(total / max(count, 1))
+
+
+@torch.no_grad()
+def classify(
+    model: nn.Module,
+    tokenizer,
+    prompts: Sequence[str],
+    label_words: Sequence[str],
+    *,
+    batch_size: int = 32,
+) -> list[int]:
+    """Predict, for each prompt, the label word with the highest log-probability as its continuation.
+
+    Label words that are one token each are scored in one forward pass with left padding and only
+    the last position's logits.
+    """
+    word_ids = [tokenizer(w, add_special_tokens=False)["input_ids"] for w in label_words]
+    if any(len(w) != 1 for w in word_ids):
+        raise ValueError(
+            f"label words must be single tokens for this tokenizer, got {dict(zip(label_words, word_ids, strict=True))}"
+        )
+    candidates = torch.tensor([w[0] for w in word_ids])
+    was_training = model.training
+    model.eval()
+    preds: list[int] = []
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    for i in range(0, len(prompts), batch_size):
+        enc = [
+            tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts[i : i + batch_size]
+        ]
+        ids, mask = left_pad(enc, pad)
+        logits = _forward_logits(model, ids, mask, 1)[:, -1]  # (b, vocab)
+        preds.extend(logits[:, candidates].argmax(-1).tolist())
+    model.train(was_training)
+    return preds
+
+
+def left_pad(seqs: Iterable[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-pad token lists into (ids, attention_mask), so every sequence ends at the last column."""
+    seqs = [list(s) for s in seqs]
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for row, s in enumerate(seqs):
+        if s:
+            ids[row, width - len(s) :] = torch.tensor(s)
+            mask[row, width - len(s) :] = 1
+    return ids, mask
+
+
+def accuracy(preds: Sequence[int], labels: Sequence[int]) -> float:
+    return sum(int(p == y) for p, y in zip(preds, labels, strict=True)) / max(len(labels), 1)

@@ -1,0 +1,510 @@
+"""The training loop: AdamW, warmup + schedule, accumulation, clipping, evaluation, checkpoints.
+
+A run is a pure function of its :class:`TrainConfig`: the data order at step k depends only on the
+seed and k, and a checkpoint holds the adapter (or full weights), the optimizer and scheduler state
+and the RNG state, so ``resume`` continues a killed run to the same weights as an uninterrupted
+one (bit-identical on CPU). Checkpoints are written into a temporary folder and swapped in with
+renames: a crash mid-save leaves the previous checkpoint readable.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from .adapters import copy_adapter_weights, read_adapter, save_adapter
+from .config import DTYPES, LoRAConfig
+from .evaluate import IGNORE, accuracy, classify, left_pad, perplexity, token_losses
+from .inject import count_parameters, inject
+
+Task = Literal["auto", "lm", "classify", "sft"]
+# Fields that may change between a run and its resumption (they do not change the math).
+RESUMABLE_CHANGES = ("eval_every", "save_every", "eval_examples", "progress")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """One training run. ``batch_size`` is the global batch (micro-batches are accumulated)."""
+
+    model: str = "smollm2-135m"  # embedded name, local HF folder or hub id
+    data: str = "rotten-tomatoes"  # built-in name, local file or `datasets` name
+    method: str = "lora"  # "lora" | "lora_fa" | "lors" | "full"
+    rank: int = 16
+    alpha: float = 32.0
+    dropout: float = 0.0
+    targets: str | tuple[str, ...] = "all-linear"
+    task: Task = "auto"  # auto: classify if the data has labels, sft if prompt/completion, else lm
+    max_steps: int = 100
+    batch_size: int = 16  # global batch, in examples (lm: windows of max_len tokens)
+    micro_batch_size: int = 0  # 0: no accumulation
+    lr: float = 1e-3
+    warmup: float = 0.06  # fraction of max_steps (the LoRA paper's GLUE setting)
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0  # 0 disables clipping
+    dtype: str = "float32"  # model dtype: "float32" | "bfloat16"
+    seed: int = 0
+    max_len: int = 256  # tokens per example (lm: window length)
+    eval_every: int = 0  # 0: evaluate at the end only
+    eval_examples: int = 0  # 0: the whole validation split
+    save_every: int = 50  # checkpoint interval in steps (0: only at the end)
+    output: str = "runs/lorakit"
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.method not in ("lora", "lora_fa", "lors", "full"):
+            raise ValueError(
+                f"method must be one of lora, lora_fa, lors, full; got {self.method!r}"
+            )
+        if self.task not in ("auto", "lm", "classify", "sft"):
+            raise ValueError(f"task must be auto, lm, classify or sft; got {self.task!r}")
+        if self.dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"dtype must be float32 or bfloat16, got {self.dtype!r}")
+        if self.schedule not in ("cosine", "linear", "constant"):
+            raise ValueError(f"schedule must be cosine, linear or constant, got {self.schedule!r}")
+        for name in ("max_steps", "batch_size", "max_len"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        micro = self.micro_batch_size or self.batch_size
+        if self.batch_size % micro:
+            raise ValueError(
+                f"micro_batch_size {micro} must divide batch_size {self.batch_size}; "
+                f"valid choices: {[d for d in range(1, self.batch_size + 1) if self.batch_size % d == 0]}"
+            )
+        if not 0 <= self.warmup < 1:
+            raise ValueError(f"warmup is a fraction of max_steps in [0, 1), got {self.warmup}")
+        if isinstance(self.targets, list):
+            object.__setattr__(self, "targets", tuple(self.targets))
+        if self.method != "full":
+            self.lora_config()  # validate rank/alpha/targets early
+
+    def lora_config(self) -> LoRAConfig:
+        return LoRAConfig(
+            method=self.method,
+            rank=self.rank,
+            alpha=self.alpha,
+            dropout=self.dropout,
+            targets=self.targets,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["targets"] = list(d["targets"]) if isinstance(d["targets"], tuple) else d["targets"]
+        return d
+
+
+# -- data ---------------------------------------------------------------------------------------
+
+
+def classification_prompt(tokenizer, label_names: list[str]) -> tuple[str, list[str]]:
+    """A prompt template with a ``{text}`` slot and the label words that answer it.
+
+    Chat models get their chat template (label words without a leading space, as the assistant
+    turn starts on a fresh line); base models a plain ``... Answer:`` prompt with " word" labels.
+    """
+    question = (
+        f"Is this review {' or '.join(label_names)}? Answer with one word.\n\nReview: {{text}}"
+    )
+    if getattr(tokenizer, "chat_template", None):
+        template = tokenizer.apply_chat_template(
+            [{"role": "user", "content": question}], add_generation_prompt=True, tokenize=False
+        )
+        return template, list(label_names)
+    return question + "\nAnswer:", [" " + n for n in label_names]
+
+
+@dataclass
+class Prepared:
+    """Tokenised training data and what evaluation needs."""
+
+    task: str
+    train: list[dict[str, list[int]]]
+    val_records: list[dict[str, Any]]
+    val_blocks: torch.Tensor | None = None
+    template: str | None = None
+    label_words: list[str] | None = None
+
+
+def prepare_data(cfg: TrainConfig, tokenizer) -> Prepared:
+    from . import data
+
+    train = data.load_records(cfg.data, "train")
+    try:
+        val = data.load_records(cfg.data, "validation")
+    except (ValueError, KeyError):
+        val = []
+    task = cfg.task
+    if task == "auto":
+        first = train[0]
+        task = "classify" if "label" in first else "sft" if "prompt" in first else "lm"
+    if task == "classify":
+        names = data.label_names(cfg.data) or sorted({str(r["label"]) for r in train})
+        template, words = classification_prompt(tokenizer, names)
+        examples = data.encode_examples(
+            train, tokenizer, cfg.max_len, template=template, label_words=words
+        )
+        return Prepared(task, examples, val, template=template, label_words=words)
+    if task == "sft":
+        return Prepared(task, data.encode_examples(train, tokenizer, cfg.max_len), val)
+    blocks = data.lm_blocks(train, tokenizer, cfg.max_len)
+    examples = [{"input_ids": b.tolist(), "labels": b.tolist()} for b in blocks]
+    val_blocks = data.lm_blocks(val, tokenizer, cfg.max_len) if val else None
+    return Prepared(task, examples, val, val_blocks=val_blocks)
+
+
+def batch_indices(step: int, batch_size: int, n: int, seed: int) -> list[int]:
+    """Example indices of global batch ``step``: a seeded permutation per epoch, nothing else."""
+    out = []
+    for pos in range(step * batch_size, (step + 1) * batch_size):
+        epoch, offset = divmod(pos, n)
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+        out.append(int(perm[offset]))
+    return out
+
+
+def collate(examples: list[dict[str, list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Left-pad, so completions end in the last column and only their logits are computed."""
+    ids, mask = left_pad([e["input_ids"] for e in examples], pad_id)
+    labels, _ = left_pad([e["labels"] for e in examples], IGNORE)
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+# -- optimisation -------------------------------------------------------------------------------
+
+
+def lr_lambda(cfg: TrainConfig):
+    warm = int(cfg.warmup * cfg.max_steps)
+
+    def f(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        if cfg.schedule == "constant":
+            return 1.0
+        progress = (step - warm) / max(1, cfg.max_steps - warm)
+        if cfg.schedule == "linear":
+            return max(0.0, 1.0 - progress)
+        return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+    return f
+
+
+# -- checkpoints --------------------------------------------------------------------------------
+
+
+def _trainable(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+
+
+def save_checkpoint(folder: Path, model, optimizer, scheduler, cfg: TrainConfig, step: int) -> None:
+    """Write a checkpoint to ``folder`` atomically (temp folder, then renames)."""
+    from safetensors.torch import save_file
+
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}-"))
+    try:
+        if cfg.method == "full":
+            save_file(
+                {n: p.detach().contiguous() for n, p in _trainable(model)},
+                tmp / "weights.safetensors",
+            )
+        else:
+            save_adapter(model, tmp / "adapter")
+        state = optimizer.state_dict()
+        tensors = {"rng.torch": torch.get_rng_state()}
+        for idx, st in state["state"].items():
+            for k, v in st.items():
+                tensors[f"optim.{idx}.{k}"] = (
+                    v.detach().contiguous() if torch.is_tensor(v) else torch.tensor(v)
+                )
+        save_file(tensors, tmp / "trainer_state.safetensors")
+        meta = {
+            "step": step,
+            "config": cfg.to_dict(),
+            "param_groups": state["param_groups"],
+            "scheduler": {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"},
+        }
+        (tmp / "trainer_state.json").write_text(json.dumps(meta, indent=2))
+        old = folder.with_name(folder.name + ".old")
+        if folder.exists():
+            if old.exists():
+                shutil.rmtree(old)
+            os.replace(folder, old)
+        os.replace(tmp, folder)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def find_checkpoint(output: Path) -> Path | None:
+    """The last complete checkpoint (``checkpoint``, or ``checkpoint.old`` if a swap was cut)."""
+    for name in ("checkpoint", "checkpoint.old"):
+        if (output / name / "trainer_state.json").exists():
+            return output / name
+    return None
+
+
+def check_resumable(saved: dict[str, Any], cfg: TrainConfig) -> None:
+    now = cfg.to_dict()
+    diff = [k for k in now if k not in RESUMABLE_CHANGES and saved.get(k) != now[k]]
+    if diff:
+        detail = ", ".join(f"{k}: {saved.get(k)!r} -> {now[k]!r}" for k in diff)
+        raise ValueError(
+            f"cannot resume: the config differs from the checkpoint's in {diff} ({detail})"
+        )
+
+
+def load_checkpoint(folder: Path, model, optimizer, scheduler, cfg: TrainConfig) -> int:
+    from safetensors.torch import load_file
+
+    meta = json.loads((folder / "trainer_state.json").read_text())
+    check_resumable(meta["config"], cfg)
+    tensors = load_file(folder / "trainer_state.safetensors")
+    with torch.no_grad():
+        if cfg.method == "full":
+            weights = load_file(folder / "weights.safetensors")
+            for n, p in _trainable(model):
+                p.copy_(weights[n])
+        else:
+            copy_adapter_weights(model, read_adapter(folder / "adapter").weights, "default")
+    state: dict[str, Any] = {"state": {}, "param_groups": meta["param_groups"]}
+    for key, v in tensors.items():
+        if key.startswith("optim."):
+            _, idx, k = key.split(".", 2)
+            state["state"].setdefault(int(idx), {})[k] = v
+    optimizer.load_state_dict(state)
+    scheduler.load_state_dict({**meta["scheduler"], "lr_lambdas": [None]})
+    torch.set_rng_state(tensors["rng.torch"])
+    return int(meta["step"])
+
+
+# -- the loop -----------------------------------------------------------------------------------
+
+
+def peak_memory_mib() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def evaluate(
+    model, tokenizer, prep: Prepared, cfg: TrainConfig, split_records=None
+) -> dict[str, float]:
+    records = split_records if split_records is not None else prep.val_records
+    if cfg.eval_examples:
+        records = records[: cfg.eval_examples]
+    if prep.task == "classify" and records:
+        prompts = [prep.template.replace("{text}", r["text"]) for r in records]
+        preds = classify(model, tokenizer, prompts, prep.label_words)
+        return {"accuracy": accuracy(preds, [r["label"] for r in records])}
+    if prep.task == "lm" and prep.val_blocks is not None and split_records is None:
+        blocks = prep.val_blocks[: cfg.eval_examples or None]
+        return {"perplexity": perplexity(model, blocks)}
+    return {}
+
+
+def train(
+    cfg: TrainConfig,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    model: nn.Module | None = None,
+    tokenizer=None,
+) -> dict[str, Any]:
+    """Run training.
+
+    Args:
+        cfg: the run.
+        resume: continue from the checkpoint in ``cfg.output`` (its config must match).
+        overwrite: start afresh even if ``cfg.output`` holds a checkpoint.
+        model, tokenizer: use these instead of loading ``cfg.model``.
+
+    Returns:
+        ``{"summary": ..., "model": ..., "tokenizer": ..., "prepared": ...}``; the summary is also
+        written to ``<output>/summary.json``.
+    """
+    from tqdm.auto import tqdm
+
+    from .models import load_model
+
+    out = Path(cfg.output)
+    checkpoint = find_checkpoint(out)
+    if resume and checkpoint is None:
+        raise FileNotFoundError(f"--resume: no checkpoint under {out}")
+    if not resume and checkpoint is not None and not overwrite:
+        raise FileExistsError(
+            f"{out} already holds a checkpoint; pass --resume to continue or --overwrite to start over"
+        )
+    if not resume:
+        checkpoint = None
+        (out / "metrics.jsonl").unlink(missing_ok=True)
+    torch.manual_seed(cfg.seed)
+    if model is None:
+        model, tokenizer = load_model(cfg.model, dtype=DTYPES[cfg.dtype])
+    prep = prepare_data(cfg, tokenizer)
+    if cfg.method == "full":
+        for p in model.parameters():
+            p.requires_grad_(True)
+    else:
+        inject(model, cfg.lora_config())
+    params = [p for _, p in _trainable(model)]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+    step = load_checkpoint(checkpoint, model, optimizer, scheduler, cfg) if checkpoint else 0
+
+    out.mkdir(parents=True, exist_ok=True)
+    metrics_file = out / "metrics.jsonl"
+    rows = _read_metrics(metrics_file, up_to=step)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    micro = cfg.micro_batch_size or cfg.batch_size
+    trainable, total = count_parameters(model)
+    model.train()
+    t_start, tokens_seen = time.perf_counter(), 0
+    bar = tqdm(
+        total=cfg.max_steps, initial=step, disable=not cfg.progress, desc=f"{cfg.method} train"
+    )
+    while step < cfg.max_steps:
+        t0 = time.perf_counter()
+        idx = batch_indices(step, cfg.batch_size, len(prep.train), cfg.seed)
+        batch = [prep.train[i] for i in idx]
+        n_targets = sum(sum(1 for y in e["labels"][1:] if y != IGNORE) for e in batch)
+        loss_sum = 0.0
+        for j in range(0, len(batch), micro):
+            mb = collate(batch[j : j + micro], pad)
+            loss, _ = token_losses(model, mb)
+            (loss / max(n_targets, 1)).backward()
+            loss_sum += float(loss)
+            tokens_seen += int(mb["attention_mask"].sum())
+        loss_value = loss_sum / max(n_targets, 1)
+        if not math.isfinite(loss_value):
+            optimizer.zero_grad(set_to_none=True)
+            last = find_checkpoint(out)
+            raise FloatingPointError(
+                f"loss is {loss_value} at step {step + 1}; stopping. "
+                + (
+                    f"The last good checkpoint is {last}."
+                    if last
+                    else "No checkpoint was written yet."
+                )
+            )
+        if cfg.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        dt = time.perf_counter() - t0
+        row = {
+            "step": step,
+            "loss": loss_value,
+            "lr": scheduler.get_last_lr()[0],
+            "step_s": dt,
+            "tok_per_s": sum(len(e["input_ids"]) for e in batch) / dt,
+        }
+        if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.max_steps:
+            row.update({f"val_{k}": v for k, v in evaluate(model, tokenizer, prep, cfg).items()})
+        rows.append(row)
+        _append_metric(metrics_file, row)
+        bar.set_postfix(
+            loss=f"{loss_value:.4f}",
+            tok_s=f"{row['tok_per_s']:.0f}",
+            mem=f"{peak_memory_mib():.0f}MiB",
+        )
+        bar.update(1)
+        if cfg.save_every and step % cfg.save_every == 0 and step < cfg.max_steps:
+            save_checkpoint(out / "checkpoint", model, optimizer, scheduler, cfg, step)
+    bar.close()
+    save_checkpoint(out / "checkpoint", model, optimizer, scheduler, cfg, step)
+    final = evaluate(model, tokenizer, prep, cfg)
+    if rows:
+        rows[-1].update({f"val_{k}": v for k, v in final.items()})
+    if cfg.method == "full":
+        model.save_pretrained(out / "model")
+        tokenizer.save_pretrained(out / "model")
+    else:
+        save_adapter(model, out / "adapter")
+    elapsed = time.perf_counter() - t_start
+    summary = {
+        "method": cfg.method,
+        "steps": step,
+        "trainable_params": trainable,
+        "total_params": total,
+        "time_s": elapsed,
+        "tokens_per_s": tokens_seen / elapsed if elapsed else 0.0,
+        "peak_memory_mib": peak_memory_mib(),
+        "final_loss": rows[-1]["loss"] if rows else None,
+        **{f"val_{k}": v for k, v in final.items()},
+        "output": str(out),
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    _write_metrics_csv(out / "metrics.csv", rows)
+    plot_losses(rows, out / "loss.png", title=f"{cfg.method} on {cfg.data}")
+    return {"summary": summary, "model": model, "tokenizer": tokenizer, "prepared": prep}
+
+
+def _read_metrics(file: Path, up_to: int) -> list[dict[str, Any]]:
+    if not file.exists():
+        return []
+    rows = [json.loads(line) for line in file.read_text().splitlines() if line.strip()]
+    rows = [r for r in rows if r["step"] <= up_to]
+    file.write_text("".join(json.dumps(r) + "\n" for r in rows))  # drop steps after the checkpoint
+    return rows
+
+
+def _append_metric(file: Path, row: dict[str, Any]) -> None:
+    with file.open("a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+def _write_metrics_csv(file: Path, rows: list[dict[str, Any]]) -> None:
+    import csv
+
+    keys = sorted({k for r in rows for k in r}, key=lambda k: (k != "step", k))
+    with file.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=keys)
+        w.writeheader()
+        w.writerows(rows)
+
+
+def plot_losses(rows: list[dict[str, Any]], file: Path, title: str = "") -> Path | None:
+    """Training loss per step (and any validation metric) as a PNG."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    if not rows:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], label="train loss", lw=1)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    evals = [(r["step"], k, v) for r in rows for k, v in r.items() if k.startswith("val_")]
+    if evals:
+        ax2 = ax.twinx()
+        for key in sorted({k for _, k, _ in evals}):
+            pts = [(s, v) for s, k, v in evals if k == key]
+            ax2.plot(*zip(*pts, strict=True), "o-", color="tab:orange", label=key)
+        ax2.set_ylabel("validation")
+        ax2.legend(loc="upper right")
+    ax.legend(loc="upper left")
+    fig.tight_layout()
+    fig.savefig(file, dpi=120)
+    plt.close(fig)
+    return file

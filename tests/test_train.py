@@ -1,0 +1,244 @@
+"""The training loop on a tiny LLaMA: determinism, kill-and-resume, failures that keep checkpoints."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from lorakit import train as train_mod
+from lorakit.train import TrainConfig, find_checkpoint, train
+
+REVIEWS = [
+    ("a wonderful, moving film", 1),
+    ("dull and far too long", 0),
+    ("the cast is superb and the script sings", 1),
+    ("a tedious mess", 0),
+    ("funny, warm and smart", 1),
+    ("i wanted my two hours back", 0),
+    ("beautifully shot and acted", 1),
+    ("lifeless and predictable", 0),
+] * 4
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    """A tiny LLaMA with SmolLM2's tokenizer, saved as an HF folder."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from lorakit.models import smollm2_dir
+
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    tok = AutoTokenizer.from_pretrained(smollm2_dir())
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+    )
+    LlamaForCausalLM(cfg).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture
+def data_file(tmp_path) -> Path:
+    f = tmp_path / "reviews.jsonl"
+    f.write_text("".join(json.dumps({"text": t, "label": y}) + "\n" for t, y in REVIEWS))
+    return f
+
+
+def _cfg(tiny, data_file, out, **kw) -> TrainConfig:
+    base = dict(
+        model=str(tiny), data=str(data_file), rank=4, alpha=8, max_steps=6, batch_size=4,
+        micro_batch_size=2, lr=5e-3, max_len=64, save_every=2, output=str(out), progress=False,
+    )  # fmt: skip
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def _adapter(out: Path) -> dict[str, torch.Tensor]:
+    return load_file(out / "adapter" / "adapter_model.safetensors")
+
+
+def test_runs_and_writes_everything(tiny, data_file, tmp_path):
+    out = tmp_path / "run"
+    summary = train(_cfg(tiny, data_file, out))["summary"]
+    for name in (
+        "adapter/adapter_config.json",
+        "adapter/adapter_model.safetensors",
+        "metrics.jsonl",
+        "metrics.csv",
+        "loss.png",
+        "summary.json",
+        "checkpoint/trainer_state.json",
+    ):
+        assert (out / name).exists(), name
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, 7))
+    assert summary["steps"] == 6 and 0 < summary["trainable_params"] < summary["total_params"]
+    assert "val_accuracy" in summary
+
+
+def test_accumulation_matches_full_batch(tiny, data_file, tmp_path):
+    a = train(_cfg(tiny, data_file, tmp_path / "a", micro_batch_size=0, max_steps=2))
+    b = train(_cfg(tiny, data_file, tmp_path / "b", micro_batch_size=1, max_steps=2))
+    del a, b
+    wa, wb = _adapter(tmp_path / "a"), _adapter(tmp_path / "b")
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=0, atol=1e-6)
+
+
+def _crash_at_call(monkeypatch, n: int, exc: BaseException) -> None:
+    """Make the n-th forward of the training loop raise ``exc`` (2 micro-batches per step)."""
+    real, calls = train_mod.token_losses, {"n": 0}
+
+    def wrapped(model, batch):
+        calls["n"] += 1
+        if calls["n"] == n:
+            raise exc
+        return real(model, batch)
+
+    monkeypatch.setattr(train_mod, "token_losses", wrapped)
+
+
+def test_resume_in_process_is_bit_identical(tiny, data_file, tmp_path, monkeypatch):
+    train(_cfg(tiny, data_file, tmp_path / "full"))
+    with monkeypatch.context() as m:
+        _crash_at_call(m, 6, KeyboardInterrupt())  # dies during step 3
+        with pytest.raises(KeyboardInterrupt):
+            train(_cfg(tiny, data_file, tmp_path / "cut"))
+    assert (
+        json.loads((tmp_path / "cut" / "checkpoint" / "trainer_state.json").read_text())["step"]
+        == 2
+    )
+    train(_cfg(tiny, data_file, tmp_path / "cut"), resume=True)
+    full, cut = _adapter(tmp_path / "full"), _adapter(tmp_path / "cut")
+    assert full.keys() == cut.keys()
+    assert all(torch.equal(full[k], cut[k]) for k in full)
+    rows = [
+        json.loads(line) for line in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert [r["step"] for r in rows] == list(range(1, 7))
+
+
+def test_kill_and_resume_subprocess(tiny, data_file, tmp_path):
+    """SIGKILL a real `lorakit train` after a checkpoint, resume, get the uninterrupted adapter."""
+    args = [
+        sys.executable, "-m", "lorakit", "train", "--model", str(tiny), "--data", str(data_file),
+        "--rank", "4", "--alpha", "8", "--max-steps", "40", "--batch-size", "4", "--lr", "5e-3",
+        "--max-len", "64", "--save-every", "2", "--no-progress", "--eval-examples", "4",
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run(
+        [*args, "--output", str(tmp_path / "full")], check=True, env=env, capture_output=True
+    )
+    out = tmp_path / "killed"
+    proc = subprocess.Popen(
+        [*args, "--output", str(out)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        ckpt = find_checkpoint(out)
+        if ckpt is not None and json.loads((ckpt / "trainer_state.json").read_text())["step"] >= 4:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    step = json.loads((find_checkpoint(out) / "trainer_state.json").read_text())["step"]
+    assert 4 <= step < 40, "the run should have been killed mid-way"
+    subprocess.run(
+        [*args, "--output", str(out), "--resume"], check=True, env=env, capture_output=True
+    )
+    full, resumed = _adapter(tmp_path / "full"), _adapter(out)
+    assert all(torch.equal(full[k], resumed[k]) for k in full)
+
+
+def test_resume_with_different_config_is_refused(tiny, data_file, tmp_path):
+    out = tmp_path / "run"
+    train(_cfg(tiny, data_file, out, max_steps=2))
+    with pytest.raises(
+        ValueError,
+        match=r"cannot resume: the config differs .* \['rank', 'lr'\] \(rank: 4 -> 8, lr: 0\.005 -> 0\.001\)",
+    ):
+        train(_cfg(tiny, data_file, out, max_steps=2, rank=8, lr=1e-3), resume=True)
+
+
+def test_fresh_run_refuses_to_overwrite_checkpoint(tiny, data_file, tmp_path):
+    out = tmp_path / "run"
+    train(_cfg(tiny, data_file, out, max_steps=2))
+    with pytest.raises(
+        FileExistsError,
+        match=r"already holds a checkpoint; pass --resume to continue or --overwrite",
+    ):
+        train(_cfg(tiny, data_file, out, max_steps=2))
+
+
+def test_resume_without_checkpoint(tiny, data_file, tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"--resume: no checkpoint under"):
+        train(_cfg(tiny, data_file, tmp_path / "none"), resume=True)
+
+
+def test_nan_loss_stops_and_keeps_checkpoint(tiny, data_file, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    real = train_mod.token_losses
+    calls = {"n": 0}
+
+    def poisoned(model, batch):
+        calls["n"] += 1
+        loss, n = real(model, batch)
+        return (loss * float("nan") if calls["n"] > 6 else loss), n  # step 4 (2 micro-batches/step)
+
+    monkeypatch.setattr(train_mod, "token_losses", poisoned)
+    with pytest.raises(
+        FloatingPointError,
+        match=r"loss is nan at step 4; stopping\. The last good checkpoint is .*checkpoint",
+    ):
+        train(_cfg(tiny, data_file, out))
+    state = json.loads((out / "checkpoint" / "trainer_state.json").read_text())
+    assert state["step"] == 2
+    load_file(out / "checkpoint" / "adapter" / "adapter_model.safetensors")
+
+
+def test_interrupted_save_keeps_previous_checkpoint(tiny, data_file, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    train(_cfg(tiny, data_file, out, max_steps=2))
+    before = (out / "checkpoint" / "trainer_state.safetensors").read_bytes()
+    import safetensors.torch
+
+    def boom(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", boom)
+    with pytest.raises(OSError, match="disk full"):
+        train(_cfg(tiny, data_file, out, max_steps=4), overwrite=True)
+    assert (out / "checkpoint" / "trainer_state.safetensors").read_bytes() == before
+    assert not [p for p in out.iterdir() if p.name.startswith(".checkpoint-")]
+
+
+def test_full_finetuning_baseline(tiny, data_file, tmp_path):
+    out = tmp_path / "full"
+    summary = train(_cfg(tiny, data_file, out, method="full", max_steps=2, lr=1e-4))["summary"]
+    assert summary["trainable_params"] == summary["total_params"]
+    assert (out / "model" / "config.json").exists()
+
+
+@pytest.mark.parametrize(
+    "bad", [{"batch_size": 6, "micro_batch_size": 4}, {"method": "dora"}, {"max_steps": 0}]
+)
+def test_bad_train_config(tiny, data_file, tmp_path, bad):
+    with pytest.raises(ValueError, match=r"must|valid choices"):
+        _cfg(tiny, data_file, tmp_path, **bad)
