@@ -92,3 +92,51 @@ def test_target_modules_regex_when_suffixes_overreach(ids, tmp_path):
     peft_model = peft.PeftModel.from_pretrained(build("llama"), tmp_path).eval()
     torch.testing.assert_close(logits(peft_model, ids), logits(model, ids), rtol=0, atol=1e-5)
     assert sum(1 for _ in peft_model.named_modules() if _[0].endswith("q_proj")) == 2
+
+
+def _bert_cls():
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    cfg = BertConfig(
+        vocab_size=128,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_labels=3,
+    )
+    return BertForSequenceClassification(cfg).eval()
+
+
+def test_modules_to_save_both_ways(ids, tmp_path):
+    """A classifier head trained fully next to the adapter travels with it, both directions."""
+    model = lk.inject(
+        _bert_cls(),
+        lk.LoRAConfig(rank=4, targets=["query", "value"], modules_to_save=["classifier"]),
+    )
+    assert all(p.requires_grad for p in model.classifier.parameters())
+    perturb(model, scale=0.1)
+    with torch.no_grad():
+        model.classifier.weight.normal_()
+    ours = logits(model, ids)
+    lk.save_adapter(model, tmp_path / "ours")
+    peft_model = peft.PeftModel.from_pretrained(_bert_cls(), tmp_path / "ours").eval()
+    torch.testing.assert_close(logits(peft_model, ids), ours, rtol=0, atol=1e-5)
+    reloaded = lk.load_adapter(_bert_cls(), tmp_path / "ours")
+    torch.testing.assert_close(logits(reloaded, ids), ours, rtol=0, atol=1e-6)
+
+    cfg = peft.LoraConfig(
+        r=4,
+        lora_alpha=8,
+        target_modules=["query"],
+        modules_to_save=["classifier"],
+        init_lora_weights=False,
+    )
+    theirs = peft.get_peft_model(_bert_cls(), cfg).eval()
+    with torch.no_grad():
+        theirs.base_model.model.classifier.modules_to_save["default"].weight.normal_()
+    expected = logits(theirs, ids)
+    theirs.save_pretrained(tmp_path / "theirs")
+    ours2 = lk.load_adapter(_bert_cls(), tmp_path / "theirs")
+    torch.testing.assert_close(logits(ours2, ids), expected, rtol=0, atol=1e-5)

@@ -24,7 +24,14 @@ import torch
 from torch import nn
 
 from .config import LoRAConfig
-from .inject import active_adapter, adapted_layers, add_adapter, freeze_base, set_adapter
+from .inject import (
+    active_adapter,
+    adapted_layers,
+    add_adapter,
+    freeze_base,
+    modules_to_save,
+    set_adapter,
+)
 from .layers import AdaptedLayer, layer_kind
 
 CONFIG_NAME = "adapter_config.json"
@@ -103,11 +110,15 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, name: str | None = N
             t = getattr(adapter, f"lora_{which}")
             tensors[_peft_key(p, layer, which)] = t.detach().to("cpu").contiguous()
 
+    first = next(iter(configs.values()))
+    for mpath, module in modules_to_save(model, first.modules_to_save).items():
+        for pname, t in module.named_parameters():
+            tensors[f"{PREFIX}{mpath}.{pname}"] = t.detach().to("cpu").contiguous()
+
     # PEFT stores one r / alpha plus per-module exceptions (rank_pattern / alpha_pattern).
     ranks = Counter(c.rank for c in configs.values())
     alphas = Counter(c.alpha for c in configs.values())
     r, alpha = ranks.most_common(1)[0][0], alphas.most_common(1)[0][0]
-    first = next(iter(configs.values()))
     config: dict[str, Any] = {
         "peft_type": "LORA",
         "task_type": _task_type(model),
@@ -121,7 +132,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, name: str | None = N
         "fan_in_fan_out": any(layer.kind == "conv1d" for _, layer in layers),
         "init_lora_weights": True,
         "inference_mode": True,
-        "modules_to_save": None,
+        "modules_to_save": list(first.modules_to_save) or None,
         "layers_to_transform": None,
         "layers_pattern": None,
         "rank_pattern": {f"^{re.escape(p)}": c.rank for p, c in configs.items() if c.rank != r},
@@ -158,7 +169,6 @@ def _read_config(folder: Path) -> dict[str, Any]:
         "use_dora": False,
         "lora_bias": False,
         "bias": "none",
-        "modules_to_save": None,
         "layer_replication": None,
     }
     for key, ok in unsupported.items():
@@ -209,6 +219,7 @@ class AdapterFile:
     weights: dict[str, dict[str, torch.Tensor]]  # module path -> {"A": (r, in), "B": (out, r)}
     kinds: dict[str, str]  # module path -> "linear" | "embedding"
     base_weights: dict[str, torch.Tensor]  # module path -> whole weight PEFT saved alongside
+    saved_params: dict[str, torch.Tensor]  # parameter path -> tensor, from modules_to_save
     metadata: dict[str, str]  # safetensors header metadata
 
 
@@ -224,11 +235,15 @@ def read_adapter(path: str | os.PathLike) -> AdapterFile:
     found: dict[str, dict[str, torch.Tensor]] = {}
     kinds: dict[str, str] = {}
     base_weights: dict[str, torch.Tensor] = {}
+    saved: dict[str, torch.Tensor] = {}
     for key, t in tensors.items():
         if (b := _BASE_KEY.match(key)) is not None:
             base_weights[b["path"]] = t
             continue
         m = _KEY.match(key)
+        if m is None and config.get("modules_to_save"):
+            saved[key.removeprefix(PREFIX)] = t  # a parameter of a module trained fully
+            continue
         if m is None:
             raise ValueError(
                 f"{folder / WEIGHTS_NAME}: unexpected key {key!r}; expected "
@@ -243,7 +258,7 @@ def read_adapter(path: str | os.PathLike) -> AdapterFile:
         if set(pair) != {"A", "B"}:
             missing = ({"A", "B"} - set(pair)).pop()
             raise ValueError(f"{folder / WEIGHTS_NAME}: module {p} lacks lora_{missing}")
-    return AdapterFile(config, found, kinds, base_weights, metadata)
+    return AdapterFile(config, found, kinds, base_weights, saved, metadata)
 
 
 def copy_adapter_weights(
@@ -301,6 +316,7 @@ def load_adapter(
         targets=sorted(found),
         use_rslora=bool(config.get("use_rslora", False)),
         init=metadata.get("lorakit_init", "kaiming"),
+        modules_to_save=tuple(config.get("modules_to_save") or ()),
     )
     configs: dict[str, LoRAConfig] = {}
     for p, pair in sorted(found.items()):
@@ -339,12 +355,26 @@ def load_adapter(
                 f"does not fit the model"
             )
 
+    params = dict(model.named_parameters())
+    for key, t in file.saved_params.items():
+        if key not in params or params[key].shape != t.shape:
+            have = tuple(params[key].shape) if key in params else "no such parameter"
+            raise ValueError(
+                f"{folder / WEIGHTS_NAME}: saved parameter {key!r} {tuple(t.shape)} does not fit "
+                f"the model ({have})"
+            )
+
     add_adapter(model, sorted(found), configs, name)
     with torch.no_grad():
         for p, t in file.base_weights.items():
             model.get_submodule(p).weight.copy_(t)
+        for key, t in file.saved_params.items():
+            params[key].copy_(t)
     copy_adapter_weights(model, found, name)
     freeze_base(model)
+    if trainable:
+        for module in modules_to_save(model, base.modules_to_save).values():
+            module.requires_grad_(True)
     set_adapter(model, name)
     if not trainable:
         for _, layer in adapted_layers(model):

@@ -159,31 +159,43 @@ def cmd_eval(a: argparse.Namespace) -> int:
     from .config import DTYPES
     from .evaluate import accuracy, classify, perplexity
     from .models import load_model
-    from .train import classification_prompt
+    from .train import classification_prompt, is_causal_lm, predict_classes
 
-    model, tok = load_model(a.model, dtype=DTYPES[a.dtype])
-    if a.adapter:
-        load_adapter(model, a.adapter)
     records = data.load_records(a.data, a.split)
     if a.limit:
         records = records[: a.limit]
+    labelled = not a.perplexity and "label" in records[0]
+    names = (
+        (data.label_names(a.data) or [str(v) for v in sorted({r["label"] for r in records})])
+        if labelled
+        else None
+    )
+    causal = is_causal_lm(a.model)
     result: dict[str, float | str | int] = {
         "model": a.model,
         "adapter": a.adapter or "-",
         "data": a.data,
         "split": a.split,
     }
-    names = data.label_names(a.data)
-    if not a.perplexity and (names or (records and "label" in records[0])):
-        names = names or sorted({str(r["label"]) for r in records})
+    if labelled and not causal:  # encoder + classification head (trained with the adapter)
+        model, tok = load_model(
+            a.model, task="sequence-classification", dtype=DTYPES[a.dtype], num_labels=len(names)
+        )
+    else:
+        model, tok = load_model(a.model, dtype=DTYPES[a.dtype])
+    if a.adapter:
+        load_adapter(model, a.adapter)
+    labels = [r["label"] for r in records] if labelled else None
+    if labelled and not causal:
+        result["accuracy"] = accuracy(predict_classes(model, tok, records, a.max_len), labels)
+    elif labelled:
         template, words = classification_prompt(tok, names)
         preds = classify(
             model, tok, [template.replace("{text}", r["text"]) for r in records], words
         )
-        result["accuracy"] = accuracy(preds, [r["label"] for r in records])
+        result["accuracy"] = accuracy(preds, labels)
     else:
-        blocks = data.lm_blocks(records, tok, a.max_len)
-        result["perplexity"] = perplexity(model, blocks)
+        result["perplexity"] = perplexity(model, data.lm_blocks(records, tok, a.max_len))
     result["examples"] = len(records)
     print(json.dumps(result, indent=2))
     return 0

@@ -37,9 +37,8 @@ class LoRAConfig:
     use_rslora: bool = False  # rank-stabilised scaling alpha / sqrt(r)
     bias: Literal["none"] = "none"  # biases stay frozen (PEFT's bias="none")
     adapter_dtype: str | None = None  # None: follow the base layer's dtype; else e.g. "float32"
-    grad_correction: bool = (
-        False  # lora_fa only: LoRA-FA v2's g_B (A Aᵀ)⁻¹ / s² before the optimizer
-    )
+    modules_to_save: tuple[str, ...] = ()  # module-name suffixes trained fully (e.g. a new head)
+    grad_correction: bool = False  # lora_fa: v2's g_B (A Aᵀ)⁻¹ / s² before the optimizer
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -76,6 +75,10 @@ class LoRAConfig:
                 f"targets must be 'all-linear', a regex string or a non-empty list of "
                 f"module-name suffixes, got {targets!r}"
             )
+        mts = self.modules_to_save
+        if isinstance(mts, str) or not all(isinstance(m, str) and m for m in mts):
+            raise ValueError(f"modules_to_save must be a list of module-name suffixes, got {mts!r}")
+        object.__setattr__(self, "modules_to_save", tuple(mts))
         object.__setattr__(self, "alpha", float(self.alpha))
         object.__setattr__(self, "dropout", float(self.dropout))
 
@@ -93,6 +96,7 @@ class LoRAConfig:
         d = dataclasses.asdict(self)
         if isinstance(d["targets"], tuple):
             d["targets"] = list(d["targets"])
+        d["modules_to_save"] = list(d["modules_to_save"])
         return d
 
     @classmethod

@@ -178,10 +178,32 @@ def inject(model: nn.Module, config: LoRAConfig, name: str = "default") -> nn.Mo
     """
     if not isinstance(config, LoRAConfig):
         raise TypeError(f"config must be a lorakit.LoRAConfig, got {type(config).__name__}")
-    add_adapter(model, match_targets(model, config.targets), config, name)
+    paths = match_targets(model, config.targets)
+    saved = modules_to_save(model, config.modules_to_save)
+    add_adapter(model, paths, config, name)
     freeze_base(model)
+    for module in saved.values():
+        module.requires_grad_(True)
     set_adapter(model, name)
     return model
+
+
+def modules_to_save(
+    model: nn.Module, suffixes: tuple[str, ...] | list[str]
+) -> dict[str, nn.Module]:
+    """Modules trained fully alongside the adapter (PEFT's ``modules_to_save``), by path.
+
+    They are trained in place (not copied per adapter) and saved with the adapter.
+    """
+    found = {}
+    for suffix in suffixes:
+        hits = {p: m for p, m in model.named_modules() if p == suffix or p.endswith("." + suffix)}
+        if not hits:
+            raise ValueError(
+                f"modules_to_save {suffix!r} matched no module of {type(model).__name__}"
+            )
+        found.update(hits)
+    return found
 
 
 def set_adapter(model: nn.Module, name: str) -> None:

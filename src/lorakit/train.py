@@ -28,7 +28,9 @@ from .config import DTYPES, LoRAConfig
 from .evaluate import IGNORE, accuracy, classify, left_pad, perplexity, token_losses
 from .inject import count_parameters, inject
 
-Task = Literal["auto", "lm", "classify", "sft"]
+Task = Literal["auto", "lm", "classify", "sft", "seq-cls"]
+# Classification heads that a sequence-classification model trains fully next to the adapter.
+HEADS = ("classifier", "score")
 # Fields that may change between a run and its resumption (they do not change the math).
 RESUMABLE_CHANGES = ("eval_every", "save_every", "eval_examples", "progress")
 
@@ -44,7 +46,7 @@ class TrainConfig:
     alpha: float = 32.0
     dropout: float = 0.0
     targets: str | tuple[str, ...] = "all-linear"
-    task: Task = "auto"  # auto: classify if the data has labels, sft if prompt/completion, else lm
+    task: Task = "auto"  # auto: labels -> classify (causal LM) / seq-cls (encoder); sft; lm
     max_steps: int = 100
     batch_size: int = 16  # global batch, in examples (lm: windows of max_len tokens)
     micro_batch_size: int = 0  # 0: no accumulation
@@ -67,8 +69,8 @@ class TrainConfig:
             raise ValueError(
                 f"method must be one of lora, lora_fa, lors, full; got {self.method!r}"
             )
-        if self.task not in ("auto", "lm", "classify", "sft"):
-            raise ValueError(f"task must be auto, lm, classify or sft; got {self.task!r}")
+        if self.task not in ("auto", "lm", "classify", "sft", "seq-cls"):
+            raise ValueError(f"task must be auto, lm, classify, sft or seq-cls; got {self.task!r}")
         if self.dtype not in ("float32", "bfloat16"):
             raise ValueError(f"dtype must be float32 or bfloat16, got {self.dtype!r}")
         if self.schedule not in ("cosine", "linear", "constant"):
@@ -136,7 +138,25 @@ class Prepared:
     label_words: list[str] | None = None
 
 
-def prepare_data(cfg: TrainConfig, tokenizer) -> Prepared:
+def is_causal_lm(model_name: str) -> bool:
+    """Whether a model folder / embedded name is a causal LM (from its config, without weights)."""
+    from transformers import AutoConfig
+
+    from .models import resolve
+
+    archs = AutoConfig.from_pretrained(resolve(model_name)).architectures or []
+    return any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs)
+
+
+def resolve_task(cfg: TrainConfig, first: dict[str, Any]) -> str:
+    if cfg.task != "auto":
+        return cfg.task
+    if "label" in first:
+        return "classify" if is_causal_lm(cfg.model) else "seq-cls"
+    return "sft" if "prompt" in first else "lm"
+
+
+def load_splits(cfg: TrainConfig) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     from . import data
 
     train = data.load_records(cfg.data, "train")
@@ -144,13 +164,27 @@ def prepare_data(cfg: TrainConfig, tokenizer) -> Prepared:
         val = data.load_records(cfg.data, "validation")
     except (ValueError, KeyError):
         val = []
-    task = cfg.task
-    if task == "auto":
-        first = train[0]
-        task = "classify" if "label" in first else "sft" if "prompt" in first else "lm"
+    return train, val
+
+
+def label_names(cfg: TrainConfig, records: list[dict[str, Any]]) -> list[str]:
+    from . import data
+
+    return data.label_names(cfg.data) or [str(v) for v in sorted({r["label"] for r in records})]
+
+
+def prepare_data(cfg: TrainConfig, tokenizer, task: str, train, val) -> Prepared:
+    from . import data
+
+    if task == "seq-cls":
+        enc = tokenizer([r["text"] for r in train], truncation=True, max_length=cfg.max_len)
+        examples = [
+            {"input_ids": ids, "label": int(r["label"])}
+            for ids, r in zip(enc["input_ids"], train, strict=True)
+        ]
+        return Prepared(task, examples, val)
     if task == "classify":
-        names = data.label_names(cfg.data) or sorted({str(r["label"]) for r in train})
-        template, words = classification_prompt(tokenizer, names)
+        template, words = classification_prompt(tokenizer, label_names(cfg, train))
         examples = data.encode_examples(
             train, tokenizer, cfg.max_len, template=template, label_words=words
         )
@@ -173,11 +207,33 @@ def batch_indices(step: int, batch_size: int, n: int, seed: int) -> list[int]:
     return out
 
 
-def collate(examples: list[dict[str, list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
-    """Left-pad, so completions end in the last column and only their logits are computed."""
+def collate(examples: list[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Left-pad, so completions end in the last column and only their logits are computed.
+
+    Sequence-classification examples (a ``label`` int) are right-padded, as encoders expect.
+    """
+    if "label" in examples[0]:
+        ids, mask = left_pad([e["input_ids"][::-1] for e in examples], pad_id)
+        labels = torch.tensor([e["label"] for e in examples])
+        return {"input_ids": ids.flip(1), "attention_mask": mask.flip(1), "labels": labels}
     ids, mask = left_pad([e["input_ids"] for e in examples], pad_id)
     labels, _ = left_pad([e["labels"] for e in examples], IGNORE)
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def batch_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Summed loss of a micro-batch (token losses for LMs, example losses for classifiers)."""
+    if batch["labels"].dim() == 1:
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        return torch.nn.functional.cross_entropy(logits.float(), batch["labels"], reduction="sum")
+    return token_losses(model, batch)[0]
+
+
+def n_targets(examples: list[dict[str, Any]]) -> int:
+    """How many loss terms a global batch has: examples, or label tokens after the shift."""
+    if "label" in examples[0]:
+        return len(examples)
+    return sum(sum(1 for y in e["labels"][1:] if y != IGNORE) for e in examples)
 
 
 # -- optimisation -------------------------------------------------------------------------------
@@ -305,6 +361,13 @@ def evaluate(
     records = split_records if split_records is not None else prep.val_records
     if cfg.eval_examples:
         records = records[: cfg.eval_examples]
+    if prep.task == "seq-cls" and records:
+        return {
+            "accuracy": accuracy(
+                predict_classes(model, tokenizer, records, cfg.max_len),
+                [r["label"] for r in records],
+            )
+        }
     if prep.task == "classify" and records:
         prompts = [prep.template.replace("{text}", r["text"]) for r in records]
         preds = classify(model, tokenizer, prompts, prep.label_words)
@@ -313,6 +376,22 @@ def evaluate(
         blocks = prep.val_blocks[: cfg.eval_examples or None]
         return {"perplexity": perplexity(model, blocks)}
     return {}
+
+
+@torch.no_grad()
+def predict_classes(model, tokenizer, records, max_len: int, batch_size: int = 64) -> list[int]:
+    """Argmax class of a sequence-classification model for each record's text."""
+    was_training = model.training
+    model.eval()
+    preds: list[int] = []
+    for i in range(0, len(records), batch_size):
+        texts = [r["text"] for r in records[i : i + batch_size]]
+        enc = tokenizer(
+            texts, truncation=True, max_length=max_len, padding=True, return_tensors="pt"
+        )
+        preds.extend(model(**enc).logits.argmax(-1).tolist())
+    model.train(was_training)
+    return preds
 
 
 def train(
@@ -351,14 +430,26 @@ def train(
         checkpoint = None
         (out / "metrics.jsonl").unlink(missing_ok=True)
     torch.manual_seed(cfg.seed)
+    train_records, val_records = load_splits(cfg)
+    task = resolve_task(cfg, train_records[0])
     if model is None:
-        model, tokenizer = load_model(cfg.model, dtype=DTYPES[cfg.dtype])
-    prep = prepare_data(cfg, tokenizer)
+        if task == "seq-cls":
+            names = label_names(cfg, train_records)
+            model, tokenizer = load_model(
+                cfg.model,
+                task="sequence-classification",
+                dtype=DTYPES[cfg.dtype],
+                num_labels=len(names),
+            )
+        else:
+            model, tokenizer = load_model(cfg.model, dtype=DTYPES[cfg.dtype])
+    prep = prepare_data(cfg, tokenizer, task, train_records, val_records)
     if cfg.method == "full":
         for p in model.parameters():
             p.requires_grad_(True)
     else:
-        inject(model, cfg.lora_config())
+        heads = tuple(h for h in HEADS if task == "seq-cls" and hasattr(model, h))
+        inject(model, cfg.lora_config(modules_to_save=heads))
     params = [p for _, p in _trainable(model)]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
@@ -379,15 +470,15 @@ def train(
         t0 = time.perf_counter()
         idx = batch_indices(step, cfg.batch_size, len(prep.train), cfg.seed)
         batch = [prep.train[i] for i in idx]
-        n_targets = sum(sum(1 for y in e["labels"][1:] if y != IGNORE) for e in batch)
+        count = n_targets(batch)
         loss_sum = 0.0
         for j in range(0, len(batch), micro):
             mb = collate(batch[j : j + micro], pad)
-            loss, _ = token_losses(model, mb)
-            (loss / max(n_targets, 1)).backward()
+            loss = batch_loss(model, mb)
+            (loss / max(count, 1)).backward()
             loss_sum += float(loss)
             tokens_seen += int(mb["attention_mask"].sum())
-        loss_value = loss_sum / max(n_targets, 1)
+        loss_value = loss_sum / max(count, 1)
         if not math.isfinite(loss_value):
             optimizer.zero_grad(set_to_none=True)
             last = find_checkpoint(out)
