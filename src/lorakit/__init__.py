@@ -25,6 +25,7 @@ from .inject import (
     unload,
 )
 from .layers import AdaptedLayer
+from .memory import reduce_activation_memory
 from .profile import count_saved, profile_steps
 
 __version__ = "0.1.0"
@@ -44,6 +45,7 @@ __all__ = [
     "match_targets",
     "merge",
     "profile_steps",
+    "reduce_activation_memory",
     "save_adapter",
     "set_adapter",
     "unload",

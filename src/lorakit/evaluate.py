@@ -37,6 +37,12 @@ def token_losses(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torc
     input ids themselves (the shift happens here).
     """
     ids, mask, labels = batch["input_ids"], batch.get("attention_mask"), batch["labels"]
+    if hasattr(model, "_lorakit_dense_forward"):  # reduce_activation_memory's chunked loss
+        kwargs = {} if mask is None else {"position_ids": (mask.cumsum(-1) - 1).clamp(min=0)}
+        out = model(
+            input_ids=ids, attention_mask=mask, labels=labels, num_items_in_batch=1, **kwargs
+        )
+        return out.loss, int((labels[:, 1:] != IGNORE).sum())
     seq = ids.shape[1]
     has = (labels != IGNORE).any(0).nonzero()
     if has.numel() == 0:

@@ -1,0 +1,269 @@
+"""``reduce_activation_memory``: remove the big activations that are not adapter inputs.
+
+With LoRA-FA the adapters keep r numbers per token; what remains of a decoder's saved activations
+is the LM head's logits, norms, the MLP's element-wise ops and attention. For HF causal LMs of the
+LLaMA family (LLaMA, SmolLM2, Qwen2, Mistral) and GPT-2 this module swaps in:
+
+- a fused linear + cross-entropy loss that walks the tokens in chunks and never materialises the
+  (tokens x vocab) logits or their log-softmax: the gradient w.r.t. the final hidden state is
+  computed chunk by chunk in forward and kept (tokens x hidden) instead;
+- RMSNorm that keeps only its input (and one fp32 number per token) and recomputes the rest;
+- SiLU(gate)·up that keeps gate and up and recomputes SiLU, instead of also keeping SiLU(gate)
+  and the product;
+- PyTorch's scaled-dot-product attention (``attn_implementation="sdpa"``), which on causal
+  batches without padding runs the flash kernel and keeps q, k, v, the output and a logsumexp.
+
+Each replacement computes the same function (fp32 results within float rounding); tests compare
+losses and gradients with the unreduced model. ``checkpointing=True`` adds HF's activation
+checkpointing per decoder layer on top.
+"""
+
+from __future__ import annotations
+
+import types
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+IGNORE = -100
+
+
+def _acc(t: torch.Tensor) -> torch.dtype:
+    """Accumulation dtype: float64 stays float64, everything else computes in float32."""
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+# -- fused linear + cross-entropy -----------------------------------------------------------------
+
+
+class LinearCrossEntropy(torch.autograd.Function):
+    """Summed cross-entropy of ``h Wᵀ`` against ``labels``, in chunks of tokens.
+
+    Shapes: h (N, d), W (V, d), labels (N,) with -100 for no loss; chunk C tokens.
+
+    forward:  for each chunk: Z = h_c Wᵀ (C, V) in fp32; loss += Σ (logsumexp Z − Z[label]);
+              dh_c = (softmax Z − onehot) W (C, d); dW += (softmax Z − onehot)ᵀ h_c if W trains.
+    backward: dh = g · dh;  dW = g · dW.
+    saves:    dh (N, d) in h's dtype (and dW if W requires grad). Never the (N, V) logits.
+    """
+
+    @staticmethod
+    def forward(ctx, h, weight, labels, chunk: int):
+        n = h.shape[0]
+        acc = _acc(h)
+        loss = torch.zeros((), dtype=acc, device=h.device)
+        dh = torch.zeros_like(h)
+        dw = torch.zeros_like(weight, dtype=acc) if weight.requires_grad else None
+        w32 = weight.to(acc)
+        for i in range(0, n, chunk):
+            hc, yc = h[i : i + chunk].to(acc), labels[i : i + chunk]
+            z = hc @ w32.t()  # (C, V)
+            lse = torch.logsumexp(z, dim=-1)
+            valid = yc != IGNORE
+            safe = torch.where(valid, yc, 0)
+            loss += ((lse - z.gather(1, safe[:, None]).squeeze(1)) * valid).sum()
+            # z becomes the gradient of the summed loss w.r.t. the logits, in place.
+            z.sub_(lse[:, None]).exp_()
+            z[torch.arange(len(yc), device=z.device), safe] -= 1.0
+            z.mul_(valid[:, None])
+            dh[i : i + chunk] = (z @ w32).to(h.dtype)
+            if dw is not None:
+                dw.addmm_(z.t(), hc)
+        ctx.save_for_backward(dh, dw)
+        ctx.weight_dtype = weight.dtype
+        return loss
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g):
+        dh, dw = ctx.saved_tensors
+        dw = None if dw is None else (dw * g).to(ctx.weight_dtype)
+        return dh * g.to(dh.dtype), dw, None, None
+
+
+def chunked_causal_lm_loss(
+    hidden: torch.Tensor, head: nn.Module, labels: torch.Tensor, chunk: int = 1024
+) -> tuple[torch.Tensor, int]:
+    """Summed next-token loss and the number of predicted tokens, without full logits.
+
+    hidden (b, s, d) final hidden states, labels (b, s) unshifted (the shift happens here).
+    """
+    if getattr(head, "bias", None) is not None:
+        raise NotImplementedError("chunked loss for an LM head with a bias is not supported")
+    h = hidden[:, :-1].reshape(-1, hidden.shape[-1])
+    y = labels[:, 1:].reshape(-1)
+    keep = (y != IGNORE).nonzero().squeeze(1)  # skip tokens without loss entirely
+    loss = LinearCrossEntropy.apply(
+        h.index_select(0, keep), head.weight, y.index_select(0, keep), chunk
+    )
+    return loss, int(keep.numel())
+
+
+# -- RMSNorm and SiLU·up -------------------------------------------------------------------------
+
+
+class RMSNormFunction(torch.autograd.Function):
+    """y = w ⊙ (x / rms(x)) computed in fp32 and cast like HF's LlamaRMSNorm.
+
+    Shapes: x (..., d), w (d,). saves: x, w, rstd (one fp32 per row). backward recomputes
+    x̂ = x·rstd; dx = rstd·(ĝ − x̂·mean(ĝ ⊙ x̂)) with ĝ = dy ⊙ w; dw = Σ dy ⊙ x̂.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, eps: float):
+        xf = x.to(_acc(x))
+        rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+        y = weight * (xf * rstd).to(x.dtype)
+        ctx.save_for_backward(x, weight, rstd)
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dy):
+        x, weight, rstd = ctx.saved_tensors
+        acc = rstd.dtype
+        xhat = x.to(acc) * rstd
+        gw = dy.to(acc) * weight.to(acc)
+        dx = rstd * (gw - xhat * (gw * xhat).mean(-1, keepdim=True))
+        dw = None
+        if ctx.needs_input_grad[1]:
+            dw = (
+                (dy.to(acc) * xhat.to(x.dtype).to(acc))
+                .reshape(-1, x.shape[-1])
+                .sum(0)
+                .to(weight.dtype)
+            )
+        return dx.to(x.dtype), dw, None
+
+
+class SiLUMulFunction(torch.autograd.Function):
+    """y = SiLU(g) ⊙ u, keeping g and u only (SiLU and the product are recomputed).
+
+    backward: du = dy ⊙ SiLU(g);  dg = dy ⊙ u ⊙ σ(g)(1 + g(1 − σ(g))).
+    """
+
+    @staticmethod
+    def forward(ctx, g, u):
+        ctx.save_for_backward(g, u)
+        return F.silu(g) * u
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dy):
+        g, u = ctx.saved_tensors
+        sig = torch.sigmoid(g)
+        du = dy * (g * sig) if ctx.needs_input_grad[1] else None
+        dg = dy * u * sig * (1 + g * (1 - sig)) if ctx.needs_input_grad[0] else None
+        return dg, du
+
+
+class RMSNorm(nn.Module):
+    """Drop-in for HF's LlamaRMSNorm / Qwen2RMSNorm / MistralRMSNorm (same ``weight``)."""
+
+    def __init__(self, base: nn.Module) -> None:
+        super().__init__()
+        self.weight = base.weight
+        self.eps = getattr(base, "variance_epsilon", getattr(base, "eps", 1e-6))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return RMSNormFunction.apply(x, self.weight, self.eps)
+
+
+def _gated_mlp_forward(self, x: torch.Tensor) -> torch.Tensor:
+    return self.down_proj(SiLUMulFunction.apply(self.gate_proj(x), self.up_proj(x)))
+
+
+# -- wiring --------------------------------------------------------------------------------------
+
+
+def _is_llama_like(model: nn.Module) -> bool:
+    inner = getattr(model, "model", None)
+    return inner is not None and hasattr(inner, "layers") and hasattr(model, "lm_head")
+
+
+def _is_gpt2(model: nn.Module) -> bool:
+    return (
+        hasattr(model, "transformer")
+        and hasattr(model.transformer, "h")
+        and hasattr(model, "lm_head")
+    )
+
+
+def _chunked_forward(self, input_ids=None, attention_mask=None, labels=None, **kwargs: Any):
+    """Causal-LM forward that, given labels, returns the loss without computing full logits."""
+    if labels is None:
+        return self._lorakit_dense_forward(
+            input_ids=input_ids, attention_mask=attention_mask, **kwargs
+        )
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    num_items = kwargs.pop("num_items_in_batch", None)
+    kwargs.pop("logits_to_keep", None)
+    body = self.transformer if _is_gpt2(self) else self.model
+    out = body(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+    total, count = chunked_causal_lm_loss(
+        out.last_hidden_state, self.lm_head, labels, self._lorakit_chunk
+    )
+    loss = total / (num_items if num_items is not None else max(count, 1))
+    return CausalLMOutputWithPast(
+        loss=loss, logits=None, past_key_values=getattr(out, "past_key_values", None)
+    )
+
+
+def reduce_activation_memory(
+    model: nn.Module,
+    *,
+    chunked_loss: bool = True,
+    recompute_norms: bool = True,
+    recompute_mlp: bool = True,
+    attention: str | None = "sdpa",
+    checkpointing: bool = False,
+    chunk_size: int = 1024,
+) -> nn.Module:
+    """Cut the activations a causal LM keeps for backward, in place; returns the model.
+
+    Call before or after :func:`lorakit.inject`; works with every method.
+
+    Args:
+        model: an HF causal LM of the LLaMA family (LLaMA, SmolLM2, Qwen2, Mistral) or GPT-2.
+        chunked_loss: with ``labels``, compute the loss in token chunks; ``logits`` is then None.
+        recompute_norms: RMSNorm keeps only its input (LLaMA family).
+        recompute_mlp: SiLU(gate)·up keeps gate and up only (LLaMA family).
+        attention: set ``config._attn_implementation`` (``"sdpa"``), or None to leave it.
+        checkpointing: also enable HF activation checkpointing per decoder layer.
+        chunk_size: tokens per chunk of the fused loss.
+    """
+    llama, gpt2 = _is_llama_like(model), _is_gpt2(model)
+    if not (llama or gpt2):
+        raise ValueError(
+            f"reduce_activation_memory supports HF causal LMs of the LLaMA family and GPT-2; "
+            f"got {type(model).__name__}"
+        )
+    if chunked_loss and not hasattr(model, "_lorakit_dense_forward"):
+        model._lorakit_dense_forward = model.forward
+        model._lorakit_chunk = chunk_size
+        model.forward = types.MethodType(_chunked_forward, model)
+    if llama:
+        for name, module in list(model.named_modules()):
+            cls = type(module).__name__
+            if recompute_norms and cls.endswith("RMSNorm"):
+                parent, _, leaf = name.rpartition(".")
+                setattr(model.get_submodule(parent) if parent else model, leaf, RMSNorm(module))
+            if (
+                recompute_mlp
+                and cls.endswith("MLP")
+                and all(hasattr(module, a) for a in ("gate_proj", "up_proj", "down_proj"))
+            ):
+                act = getattr(getattr(module, "config", None), "hidden_act", "silu")
+                if act in ("silu", "swish"):
+                    module.forward = types.MethodType(_gated_mlp_forward, module)
+    if attention is not None and hasattr(model, "config"):
+        model.config._attn_implementation = attention
+        for module in model.modules():
+            if hasattr(module, "config") and hasattr(module.config, "_attn_implementation"):
+                module.config._attn_implementation = attention
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model
