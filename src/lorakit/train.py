@@ -91,13 +91,14 @@ class TrainConfig:
         if self.method != "full":
             self.lora_config()  # validate rank/alpha/targets early
 
-    def lora_config(self) -> LoRAConfig:
+    def lora_config(self, modules_to_save: tuple[str, ...] = ()) -> LoRAConfig:
         return LoRAConfig(
             method=self.method,
             rank=self.rank,
             alpha=self.alpha,
             dropout=self.dropout,
             targets=self.targets,
+            modules_to_save=modules_to_save,
         )
 
     def to_dict(self) -> dict[str, Any]:
