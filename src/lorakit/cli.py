@@ -67,6 +67,12 @@ def _train_args(p: argparse.ArgumentParser) -> None:
         choices=["auto", "lm", "classify", "sft"],
         help="auto: classify if the data has labels, sft for prompt/completion, else lm",
     )
+    p.add_argument(
+        "--prompt",
+        default="auto",
+        choices=["auto", "chat", "plain"],
+        help="classification prompt: the chat template, a short plain prompt, or chat when the tokenizer has one",
+    )
     p.add_argument("--max-steps", type=int, default=100, help="optimizer steps")
     p.add_argument(
         "--batch-size", type=int, default=16, help="global batch size (examples per optimizer step)"
@@ -111,7 +117,7 @@ def _train_config(a: argparse.Namespace):
 
     return TrainConfig(
         model=a.model, data=a.data, method=a.method, rank=a.rank, alpha=a.alpha, dropout=a.dropout,
-        targets=a.targets, task=a.task, max_steps=a.max_steps, batch_size=a.batch_size,
+        targets=a.targets, task=a.task, prompt=a.prompt, max_steps=a.max_steps, batch_size=a.batch_size,
         micro_batch_size=a.micro_batch_size, lr=a.lr, warmup=a.warmup, schedule=a.schedule,
         weight_decay=a.weight_decay, max_grad_norm=a.max_grad_norm, dtype=a.dtype, seed=a.seed,
         max_len=a.max_len, eval_every=a.eval_every, eval_examples=a.eval_examples,
@@ -189,7 +195,7 @@ def cmd_eval(a: argparse.Namespace) -> int:
     if labelled and not causal:
         result["accuracy"] = accuracy(predict_classes(model, tok, records, a.max_len), labels)
     elif labelled:
-        template, words = classification_prompt(tok, names)
+        template, words = classification_prompt(tok, names, a.prompt)
         preds = classify(
             model, tok, [template.replace("{text}", r["text"]) for r in records], words
         )

@@ -19,16 +19,31 @@ from .models import load_model
 from .train import TrainConfig, classification_prompt, train
 
 # Chosen so the whole demo fits in ~5 minutes on 2 CPU cores (see README for the measured run).
-DEMO = {"max_steps": 60, "batch_size": 16, "lr": 2e-3, "rank": 16, "alpha": 32.0, "max_len": 96}
+# The short plain prompt costs ~44 tokens per review instead of ~71 with SmolLM2's chat template.
+MERGE_CHECK = 300
+DEMO = {
+    "max_steps": 30,
+    "batch_size": 16,
+    "lr": 2e-3,
+    "rank": 16,
+    "alpha": 32.0,
+    "max_len": 96,
+    "prompt": "plain",
+}
 
 
 def run_demo(output: str = "runs/demo", max_steps: int | None = None, seed: int = 0) -> int:
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # keep the output to the demo's own lines
     t0 = time.perf_counter()
     torch.manual_seed(seed)
     print("lorakit demo: SmolLM2-135M-Instruct + LoRA on rotten-tomatoes sentiment\n", flush=True)
     model, tok = load_model("smollm2-135m")
     test = data.load_records("rotten-tomatoes", "test")
-    template, words = classification_prompt(tok, data.label_names("rotten-tomatoes"))
+    template, words = classification_prompt(
+        tok, data.label_names("rotten-tomatoes"), DEMO["prompt"]
+    )
     prompts = [template.replace("{text}", r["text"]) for r in test]
     labels = [r["label"] for r in test]
 
@@ -49,8 +64,9 @@ def run_demo(output: str = "runs/demo", max_steps: int | None = None, seed: int 
         batch_size=DEMO["batch_size"],
         lr=DEMO["lr"],
         max_len=DEMO["max_len"],
+        prompt=DEMO["prompt"],
         seed=seed,
-        eval_examples=200,
+        eval_examples=64,
         save_every=0,
         output=output,
     )
@@ -64,8 +80,9 @@ def run_demo(output: str = "runs/demo", max_steps: int | None = None, seed: int 
 
     merge(model)
     kinds = {type(m).__name__ for m in model.modules()}
-    merged_preds = classify(model, tok, prompts, words)
-    agree = sum(a == b for a, b in zip(merged_preds, tuned_preds, strict=True)) / len(labels)
+    n_check = min(MERGE_CHECK, len(prompts))  # a subset keeps the demo within ~5 minutes
+    merged_preds = classify(model, tok, prompts[:n_check], words)
+    agree = sum(a == b for a, b in zip(merged_preds, tuned_preds, strict=False)) / n_check
     merged_dir = Path(output) / "merged"
     model.save_pretrained(merged_dir)
     tok.save_pretrained(merged_dir)
@@ -88,7 +105,7 @@ def run_demo(output: str = "runs/demo", max_steps: int | None = None, seed: int 
         ),
         ("peak memory", f"{summary['peak_memory_mib']:.0f} MiB"),
         ("adapter (PEFT format)", str(Path(output) / "adapter")),
-        ("merged model", str(merged_dir)),
+        ("merged model folder", str(merged_dir)),
         ("loss curve", str(Path(output) / "loss.png")),
         ("total time", f"{time.perf_counter() - t0:.0f} s"),
     ]

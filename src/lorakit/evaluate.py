@@ -76,6 +76,63 @@ def perplexity(model: nn.Module, blocks: torch.Tensor, batch_size: int = 4) -> f
     return math.exp(total / max(count, 1))
 
 
+def _common_prefix(seqs: list[list[int]]) -> int:
+    n = min(len(s) for s in seqs) - 1  # every sequence keeps at least one token of its own
+    first = seqs[0]
+    for s in seqs[1:]:
+        i = 0
+        while i < n and s[i] == first[i]:
+            i += 1
+        n = i
+    return max(n, 0)
+
+
+@torch.no_grad()
+def _prefix_cache(model: nn.Module, prefix: list[int]):
+    """KV cache of a prompt prefix shared by every example (None if the model has no cache)."""
+    try:
+        out = model(input_ids=torch.tensor([prefix]), use_cache=True)
+    except TypeError:
+        return None
+    return getattr(out, "past_key_values", None)
+
+
+@torch.no_grad()
+def last_token_logits(
+    model: nn.Module, seqs: list[list[int]], pad_id: int, batch_size: int = 32
+) -> torch.Tensor:
+    """Logits at the last token of each sequence, (n, vocab), computed as cheaply as possible.
+
+    Sequences are batched by length (little padding), left-padded so only the last position's
+    logits are computed, and a token prefix shared by all of them (a prompt template) is run
+    once and reused from the KV cache.
+    """
+    import copy
+
+    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
+    shared = _common_prefix(seqs) if len(seqs) > 1 else 0
+    cache = _prefix_cache(model, seqs[0][:shared]) if shared >= 4 else None
+    if cache is None:
+        shared = 0
+    out = [None] * len(seqs)
+    for i in range(0, len(order), batch_size):
+        idx = order[i : i + batch_size]
+        ids, mask = left_pad([seqs[j][shared:] for j in idx], pad_id)
+        kwargs = {}
+        if cache is not None:
+            batch_cache = copy.deepcopy(cache)
+            batch_cache.batch_repeat_interleave(len(idx))
+            kwargs["past_key_values"] = batch_cache
+            kwargs["position_ids"] = shared + (mask.cumsum(-1) - 1).clamp(min=0)
+            mask = torch.cat([torch.ones(len(idx), shared, dtype=mask.dtype), mask], dim=1)
+        else:
+            kwargs["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0)
+        logits = model(input_ids=ids, attention_mask=mask, logits_to_keep=1, **kwargs).logits[:, -1]
+        for row, j in enumerate(idx):
+            out[j] = logits[row].float()
+    return torch.stack(out)
+
+
 @torch.no_grad()
 def classify(
     model: nn.Module,
@@ -87,28 +144,22 @@ def classify(
 ) -> list[int]:
     """Predict, for each prompt, the label word with the highest log-probability as its continuation.
 
-    Label words that are one token each are scored in one forward pass with left padding and only
-    the last position's logits.
+    Label words must be one token each; see :func:`last_token_logits` for how it is batched.
     """
     word_ids = [tokenizer(w, add_special_tokens=False)["input_ids"] for w in label_words]
     if any(len(w) != 1 for w in word_ids):
         raise ValueError(
-            f"label words must be single tokens for this tokenizer, got {dict(zip(label_words, word_ids, strict=True))}"
+            "label words must be single tokens for this tokenizer, got "
+            f"{dict(zip(label_words, word_ids, strict=True))}"
         )
     candidates = torch.tensor([w[0] for w in word_ids])
     was_training = model.training
     model.eval()
-    preds: list[int] = []
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    for i in range(0, len(prompts), batch_size):
-        enc = [
-            tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts[i : i + batch_size]
-        ]
-        ids, mask = left_pad(enc, pad)
-        logits = _forward_logits(model, ids, mask, 1)[:, -1]  # (b, vocab)
-        preds.extend(logits[:, candidates].argmax(-1).tolist())
+    seqs = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    logits = last_token_logits(model, seqs, pad, batch_size)
     model.train(was_training)
-    return preds
+    return logits[:, candidates].argmax(-1).tolist()
 
 
 def left_pad(seqs: Iterable[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -47,6 +47,7 @@ class TrainConfig:
     dropout: float = 0.0
     targets: str | tuple[str, ...] = "all-linear"
     task: Task = "auto"  # auto: labels -> classify (causal LM) / seq-cls (encoder); sft; lm
+    prompt: str = "auto"  # classify: "chat" template, "plain" prompt, or "auto" (chat if any)
     max_steps: int = 100
     batch_size: int = 16  # global batch, in examples (lm: windows of max_len tokens)
     micro_batch_size: int = 0  # 0: no accumulation
@@ -110,16 +111,23 @@ class TrainConfig:
 # -- data ---------------------------------------------------------------------------------------
 
 
-def classification_prompt(tokenizer, label_names: list[str]) -> tuple[str, list[str]]:
+def classification_prompt(
+    tokenizer, label_names: list[str], style: str = "auto"
+) -> tuple[str, list[str]]:
     """A prompt template with a ``{text}`` slot and the label words that answer it.
 
-    Chat models get their chat template (label words without a leading space, as the assistant
-    turn starts on a fresh line); base models a plain ``... Answer:`` prompt with " word" labels.
+    ``style="chat"`` (``"auto"`` when the tokenizer has a chat template) wraps the question in the
+    chat template (label words without a leading space: the assistant turn starts a fresh line);
+    ``"plain"`` is a short ``... Answer:`` prompt with " word" labels (about 40 % fewer tokens for
+    SmolLM2, whose chat template adds a system prompt).
     """
+    if style not in ("auto", "chat", "plain"):
+        raise ValueError(f"prompt style must be auto, chat or plain, got {style!r}")
     question = (
         f"Is this review {' or '.join(label_names)}? Answer with one word.\n\nReview: {{text}}"
     )
-    if getattr(tokenizer, "chat_template", None):
+    chat = bool(getattr(tokenizer, "chat_template", None)) if style == "auto" else style == "chat"
+    if chat:
         template = tokenizer.apply_chat_template(
             [{"role": "user", "content": question}], add_generation_prompt=True, tokenize=False
         )
@@ -185,7 +193,7 @@ def prepare_data(cfg: TrainConfig, tokenizer, task: str, train, val) -> Prepared
         ]
         return Prepared(task, examples, val)
     if task == "classify":
-        template, words = classification_prompt(tokenizer, label_names(cfg, train))
+        template, words = classification_prompt(tokenizer, label_names(cfg, train), cfg.prompt)
         examples = data.encode_examples(
             train, tokenizer, cfg.max_len, template=template, label_words=words
         )
@@ -477,7 +485,7 @@ def train(
             mb = collate(batch[j : j + micro], pad)
             loss = batch_loss(model, mb)
             (loss / max(count, 1)).backward()
-            loss_sum += float(loss)
+            loss_sum += loss.detach().item()
             tokens_seen += int(mb["attention_mask"].sum())
         loss_value = loss_sum / max(count, 1)
         if not math.isfinite(loss_value):
