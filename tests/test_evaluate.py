@@ -30,6 +30,8 @@ def test_token_losses_keep_only_label_positions():
     loss, n = token_losses(model, {"input_ids": ids, "attention_mask": mask, "labels": labels})
     with torch.no_grad():
         full = model(input_ids=ids).logits
-    ref = torch.nn.functional.cross_entropy(full[:, :-1].reshape(-1, 128), labels[:, 1:].reshape(-1), reduction="sum")
+    ref = torch.nn.functional.cross_entropy(
+        full[:, :-1].reshape(-1, 128), labels[:, 1:].reshape(-1), reduction="sum"
+    )
     assert n == 4
     torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-5)

@@ -117,7 +117,7 @@ def _train_config(a: argparse.Namespace):
 
     return TrainConfig(
         model=a.model, data=a.data, method=a.method, rank=a.rank, alpha=a.alpha, dropout=a.dropout,
-        targets=a.targets, task=a.task, prompt=a.prompt, max_steps=a.max_steps, batch_size=a.batch_size,
+        targets=a.targets, grad_correction=a.grad_correction, reduce_memory=a.reduce_memory, task=a.task, prompt=a.prompt, max_steps=a.max_steps, batch_size=a.batch_size,
         micro_batch_size=a.micro_batch_size, lr=a.lr, warmup=a.warmup, schedule=a.schedule,
         weight_decay=a.weight_decay, max_grad_norm=a.max_grad_norm, dtype=a.dtype, seed=a.seed,
         max_len=a.max_len, eval_every=a.eval_every, eval_examples=a.eval_examples,
@@ -225,7 +225,7 @@ def cmd_merge(a: argparse.Namespace) -> int:
 def cmd_demo(a: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    return run_demo(output=a.output, max_steps=a.max_steps, seed=a.seed)
+    return run_demo(output=a.output, max_steps=a.max_steps, seed=a.seed, method=a.method)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -280,6 +280,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--output", default="runs/demo", help="output folder")
     p.add_argument("--max-steps", type=int, default=None, help="override the demo's training steps")
+    p.add_argument(
+        "--method",
+        default="lora",
+        choices=["lora", "lora_fa"],
+        help="adapter method to fine-tune with",
+    )
     p.add_argument("--seed", type=int, default=0, help="random seed")
     p.set_defaults(func=cmd_demo)
     return parser

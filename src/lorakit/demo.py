@@ -32,13 +32,18 @@ DEMO = {
 }
 
 
-def run_demo(output: str = "runs/demo", max_steps: int | None = None, seed: int = 0) -> int:
+def run_demo(
+    output: str = "runs/demo", max_steps: int | None = None, seed: int = 0, method: str = "lora"
+) -> int:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # keep the output to the demo's own lines
     t0 = time.perf_counter()
     torch.manual_seed(seed)
-    print("lorakit demo: SmolLM2-135M-Instruct + LoRA on rotten-tomatoes sentiment\n", flush=True)
+    label = {"lora": "LoRA", "lora_fa": "LoRA-FA"}.get(method, method)
+    print(
+        f"lorakit demo: SmolLM2-135M-Instruct + {label} on rotten-tomatoes sentiment\n", flush=True
+    )
     model, tok = load_model("smollm2-135m")
     test = data.load_records("rotten-tomatoes", "test")
     template, words = classification_prompt(
@@ -57,7 +62,7 @@ def run_demo(output: str = "runs/demo", max_steps: int | None = None, seed: int 
     cfg = TrainConfig(
         model="smollm2-135m",
         data="rotten-tomatoes",
-        method="lora",
+        method=method,
         rank=DEMO["rank"],
         alpha=DEMO["alpha"],
         max_steps=max_steps or DEMO["max_steps"],
@@ -89,7 +94,7 @@ def run_demo(output: str = "runs/demo", max_steps: int | None = None, seed: int 
 
     rows = [
         ("zero-shot accuracy", f"{zero_shot:.1%}"),
-        ("LoRA fine-tuned accuracy", f"{tuned:.1%}"),
+        (f"{label} fine-tuned accuracy", f"{tuned:.1%}"),
         (
             "merged model accuracy",
             f"{accuracy(merged_preds, labels):.1%} ({agree:.1%} same predictions)",

@@ -69,6 +69,86 @@ def count_saved(
     return out, saved.bytes
 
 
+CATEGORIES = ("adapter inputs", "attention", "mlp", "norms", "embeddings", "logits/loss", "other")
+
+
+def _category(stack: list[tuple[str, nn.Module]]) -> str:
+    """Which part of the model saved a tensor, from the stack of modules running its forward."""
+    from .layers import AdaptedLayer
+
+    if len(stack) <= 1:
+        return "logits/loss"  # the model's own forward, outside any submodule: the loss
+    for name, m in reversed(stack[1:]):
+        cls, leaf = type(m).__name__, name.rsplit(".", 1)[-1]
+        if isinstance(m, AdaptedLayer):
+            return "adapter inputs"
+        if "Norm" in cls:
+            return "norms"
+        if leaf == "lm_head" or m is stack[0][1].__dict__.get("lm_head"):
+            return "logits/loss"
+        if "Attention" in cls or leaf in ("attn", "self_attn", "attention"):
+            return "attention"
+        if "MLP" in cls or leaf == "mlp":
+            return "mlp"
+        if isinstance(m, nn.Embedding):
+            return "embeddings"
+    return "other"
+
+
+def saved_breakdown(model: nn.Module, fn: Callable[[], object]) -> tuple[object, dict[str, int]]:
+    """Like :func:`count_saved`, with the bytes split by what saved them.
+
+    Categories: adapter inputs (adapted layers), attention, mlp, norms, embeddings, logits/loss
+    (the LM head and the loss), other. A storage saved twice counts once, for the first saver.
+    """
+    stack: list[tuple[str, nn.Module]] = []
+    names = {id(m): n for n, m in model.named_modules()}
+    saved = SavedTensors(exclude=_param_storages([model]))
+    by_cat: dict[str, int] = dict.fromkeys(CATEGORIES, 0)
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        before = len(saved.storages)
+        saved.pack(t)
+        if len(saved.storages) > before:
+            by_cat[_category(stack)] += t.untyped_storage().nbytes()
+        return t
+
+    def pre(m, args):
+        stack.append((names.get(id(m), ""), m))
+
+    def post(m, args, out):
+        stack.pop()
+
+    handles = []
+    for m in model.modules():
+        handles.append(m.register_forward_pre_hook(pre))
+        handles.append(m.register_forward_hook(post, always_call=True))
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = fn()
+    finally:
+        for h in handles:
+            h.remove()
+    return out, by_cat
+
+
+def training_memory(
+    model: nn.Module, saved_bytes: int, optimizer_states: int = 2
+) -> dict[str, int]:
+    """Total training memory in bytes: weights, grads, optimizer states (AdamW: 2 per trainable
+    element, in the parameter's dtype) and saved activations."""
+    weights = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+    trainable = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    parts = {
+        "weights": weights,
+        "grads": trainable,
+        "optimizer": optimizer_states * trainable,
+        "activations": saved_bytes,
+    }
+    parts["total"] = sum(parts.values())
+    return parts
+
+
 @dataclass
 class StepStats:
     """What :func:`profile_steps` measured."""

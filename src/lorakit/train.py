@@ -46,6 +46,8 @@ class TrainConfig:
     alpha: float = 32.0
     dropout: float = 0.0
     targets: str | tuple[str, ...] = "all-linear"
+    grad_correction: bool = False  # lora_fa: LoRA-FA v2 gradient correction
+    reduce_memory: bool = False  # apply reduce_activation_memory (causal LMs)
     task: Task = "auto"  # auto: labels -> classify (causal LM) / seq-cls (encoder); sft; lm
     prompt: str = "auto"  # classify: "chat" template, "plain" prompt, or "auto" (chat if any)
     max_steps: int = 100
@@ -100,6 +102,7 @@ class TrainConfig:
             dropout=self.dropout,
             targets=self.targets,
             modules_to_save=modules_to_save,
+            grad_correction=self.grad_correction,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -321,6 +324,7 @@ def find_checkpoint(output: Path) -> Path | None:
 
 def check_resumable(saved: dict[str, Any], cfg: TrainConfig) -> None:
     now = cfg.to_dict()
+    saved = {**TrainConfig().to_dict(), **saved}  # fields added since the checkpoint: defaults
     diff = [k for k in now if k not in RESUMABLE_CHANGES and saved.get(k) != now[k]]
     if diff:
         detail = ", ".join(f"{k}: {saved.get(k)!r} -> {now[k]!r}" for k in diff)
@@ -453,6 +457,10 @@ def train(
         else:
             model, tokenizer = load_model(cfg.model, dtype=DTYPES[cfg.dtype])
     prep = prepare_data(cfg, tokenizer, task, train_records, val_records)
+    if cfg.reduce_memory:
+        from .memory import reduce_activation_memory
+
+        reduce_activation_memory(model)
     if cfg.method == "full":
         for p in model.parameters():
             p.requires_grad_(True)
