@@ -56,6 +56,16 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--alpha", type=float, default=32.0, help="scaling numerator: s = alpha / r")
     p.add_argument("--dropout", type=float, default=0.0, help="dropout on the adapter input")
     p.add_argument(
+        "--grad-correction",
+        action="store_true",
+        help="LoRA-FA v2: precondition B's gradient with (A Aᵀ)⁻¹ / s²",
+    )
+    p.add_argument(
+        "--reduce-memory",
+        action="store_true",
+        help="reduce_activation_memory: chunked loss, norm/MLP recompute, sdpa (causal LMs)",
+    )
+    p.add_argument(
         "--targets",
         type=_targets,
         default="all-linear",
@@ -64,8 +74,9 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--task",
         default="auto",
-        choices=["auto", "lm", "classify", "sft"],
-        help="auto: classify if the data has labels, sft for prompt/completion, else lm",
+        choices=["auto", "lm", "classify", "sft", "seq-cls"],
+        help="auto: labelled data -> classify (causal LM, label words) or seq-cls (encoder + head); "
+        "prompt/completion -> sft; text -> lm",
     )
     p.add_argument(
         "--prompt",
@@ -257,6 +268,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--limit", type=int, default=0, help="evaluate the first N examples only (0: all)"
+    )
+    p.add_argument(
+        "--prompt",
+        default="auto",
+        choices=["auto", "chat", "plain"],
+        help="classification prompt style (use the one the adapter was trained with)",
     )
     p.set_defaults(func=cmd_eval)
 
