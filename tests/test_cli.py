@@ -108,7 +108,7 @@ def test_missing_data_path(tiny, tmp_path, capsys):
     assert "nope.jsonl" in capsys.readouterr().err
 
 
-def test_unknown_method_and_lors_not_yet(tiny, reviews, tmp_path, capsys):
+def test_unknown_method_and_lors_on_dense(tiny, reviews, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main(["train", "--method", "dora"])
     assert e.value.code == 2
@@ -127,7 +127,7 @@ def test_unknown_method_and_lors_not_yet(tiny, reviews, tmp_path, capsys):
         ]
     )
     assert code == 2
-    assert "not implemented yet" in capsys.readouterr().err
+    assert "has a zero weight" in capsys.readouterr().err
 
 
 def test_unknown_target(tiny, reviews, tmp_path, capsys):

@@ -76,8 +76,10 @@ def test_inject_twice_same_name():
     assert lk.adapter_names(model) == ["default", "second"]
 
 
-def test_unimplemented_method():
-    with pytest.raises(NotImplementedError, match=r"lors.*not implemented yet"):
+def test_lors_needs_zeros():
+    with pytest.raises(
+        ValueError, match=r"none of the 3 target layers has a zero weight .* prune first"
+    ):
         lk.inject(build("mlp"), lk.LoRAConfig(method="lors"))
 
 

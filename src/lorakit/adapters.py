@@ -143,6 +143,13 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, name: str | None = N
         "revision": None,
     }
     metadata = {"format": "pt", "lorakit_method": first.method, "lorakit_init": first.init}
+    if first.method == "lors":
+        # The mask is re-derived from the base weight's zeros; a fingerprint of each layer's zero
+        # pattern lets load_adapter refuse a differently pruned model.
+        metadata["lorakit_sparse_grad"] = first.sparse_grad
+        metadata["lorakit_masks"] = json.dumps(
+            {p: mask_fingerprint(layer.weight) for p, layer in layers}
+        )
 
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
@@ -150,6 +157,17 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, name: str | None = N
     text = json.dumps(config, indent=2, sort_keys=True) + "\n"
     _atomic_write(out / CONFIG_NAME, lambda f: Path(f).write_text(text))
     return out
+
+
+def mask_fingerprint(weight: torch.Tensor) -> str:
+    """A short hash of a weight's zero pattern (shape included)."""
+    import hashlib
+
+    import numpy as np
+
+    bits = np.packbits((weight.detach() != 0).cpu().numpy().reshape(-1))
+    digest = hashlib.sha256(repr(tuple(weight.shape)).encode() + bits.tobytes()).hexdigest()
+    return digest[:16]
 
 
 def _read_config(folder: Path) -> dict[str, Any]:
@@ -317,7 +335,9 @@ def load_adapter(
         use_rslora=bool(config.get("use_rslora", False)),
         init=metadata.get("lorakit_init", "kaiming"),
         modules_to_save=tuple(config.get("modules_to_save") or ()),
+        sparse_grad=metadata.get("lorakit_sparse_grad", "exact"),
     )
+    masks = json.loads(metadata.get("lorakit_masks", "{}"))
     configs: dict[str, LoRAConfig] = {}
     for p, pair in sorted(found.items()):
         try:
@@ -344,6 +364,11 @@ def load_adapter(
                 f"adapter shapes do not fit module {p}: lora_A {tuple(A.shape)} and lora_B "
                 f"{tuple(B.shape)}, but the layer needs ({r}, {in_f}) and ({out_f}, {r}) "
                 f"(weight {tuple(w)})"
+            )
+        if p in masks and mask_fingerprint(module.weight) != masks[p]:
+            raise ValueError(
+                f"this LoRS adapter was trained on a differently pruned model: the zero pattern of "
+                f"{p} ({int((module.weight == 0).sum())} zeros) does not match the adapter's"
             )
         alpha = _pattern_value(config.get("alpha_pattern"), p, base.alpha)
         configs[p] = base.replace(rank=r, alpha=float(alpha), targets=[p])

@@ -34,11 +34,12 @@ class LoRAConfig:
     dropout: float = 0.0  # dropout on the adapter input, in [0, 1)
     targets: str | tuple[str, ...] = "all-linear"  # "all-linear" | module-name suffixes | regex
     init: Literal["kaiming", "gaussian"] = "kaiming"  # A init; B starts at zero
-    use_rslora: bool = False  # rank-stabilised scaling alpha / sqrt(r)
+    use_rslora: bool | None = None  # alpha / sqrt(r); None: True for lors (its scripts), else False
     bias: Literal["none"] = "none"  # biases stay frozen (PEFT's bias="none")
     adapter_dtype: str | None = None  # None: follow the base layer's dtype; else e.g. "float32"
     modules_to_save: tuple[str, ...] = ()  # module-name suffixes trained fully (e.g. a new head)
     grad_correction: bool = False  # lora_fa: v2's g_B (A Aᵀ)⁻¹ / s² before the optimizer
+    sparse_grad: Literal["exact", "straight_through"] = "exact"  # lors: adapter gradient mode
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -60,6 +61,14 @@ class LoRAConfig:
                 f"adapter_dtype must be None (follow the base) or one of {list(DTYPES)}, "
                 f"got {self.adapter_dtype!r}"
             )
+        if self.sparse_grad not in ("exact", "straight_through"):
+            raise ValueError(
+                f"sparse_grad must be 'exact' or 'straight_through', got {self.sparse_grad!r}"
+            )
+        if self.sparse_grad != "exact" and self.method != "lors":
+            raise ValueError(f"sparse_grad is a LoRS option; method is {self.method!r}")
+        if self.use_rslora is None:
+            object.__setattr__(self, "use_rslora", self.method == "lors")
         if self.grad_correction and self.method != "lora_fa":
             raise ValueError(f"grad_correction is a LoRA-FA option; method is {self.method!r}")
         targets = self.targets

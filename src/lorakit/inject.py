@@ -143,6 +143,13 @@ def add_adapter(
             )
         _check_rank(p, m, per_path[p])
         adapter_class(per_path[p].method)  # unknown / unimplemented methods fail here
+    lors = [p for p in paths if per_path[p].method == "lors"]
+    if lors and all(bool((modules[p].weight != 0).all()) for p in lors):
+        raise ValueError(
+            f"lors keeps a pruned model sparse, but none of the {len(lors)} target layers has a "
+            f"zero weight (e.g. {lors[0]}); prune first (lorakit.prune / lorakit prune) or use "
+            f"method='lora'"
+        )
     users = Counter(id(t) for mod in model.modules() for t in mod.parameters(recurse=False))
     for p, m in modules.items():
         if not isinstance(m, AdaptedLayer):

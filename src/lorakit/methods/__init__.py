@@ -12,9 +12,10 @@ from torch import nn
 
 from .lora import LoRA
 from .lora_fa import LoRAFA
+from .lors import LoRS
 
-ADAPTERS: dict[str, type[nn.Module]] = {"lora": LoRA, "lora_fa": LoRAFA}
-PLANNED = {"lors": "LoRS"}
+ADAPTERS: dict[str, type[nn.Module]] = {"lora": LoRA, "lora_fa": LoRAFA, "lors": LoRS}
+PLANNED: dict[str, str] = {}
 
 
 def adapter_class(method: str) -> type[nn.Module]:
