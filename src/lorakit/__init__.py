@@ -27,6 +27,7 @@ from .inject import (
 from .layers import AdaptedLayer
 from .memory import reduce_activation_memory
 from .profile import count_saved, profile_steps
+from .prune import prune
 
 __version__ = "0.1.0"
 
@@ -45,6 +46,7 @@ __all__ = [
     "match_targets",
     "merge",
     "profile_steps",
+    "prune",
     "reduce_activation_memory",
     "save_adapter",
     "set_adapter",
