@@ -77,15 +77,17 @@ def test_wanda_matches_reference():
     calib = _calib()
     lk.prune(model, "wanda", 0.5, calib, progress=False, batch_size=3)
     for block in ref.model.layers:
-        sq = {}
+        sq: dict[str, torch.Tensor] = {}
+
+        def record(name, sq=sq):
+            def fn(mod, a, o):
+                x = a[0].double().reshape(-1, a[0].shape[-1])
+                sq[name] = sq.get(name, 0) + (x**2).sum(0)
+
+            return fn
+
         hooks = [
-            m.register_forward_hook(
-                lambda mod, a, o, n=n: sq.__setitem__(
-                    n, sq.get(n, 0) + (a[0].double() ** 2).reshape(-1, a[0].shape[-1]).sum(0)
-                )
-            )
-            for n, m in block.named_modules()
-            if n.endswith(PROJ)
+            m.register_forward_hook(record(n)) for n, m in block.named_modules() if n.endswith(PROJ)
         ]
         with torch.no_grad():
             ref(input_ids=calib)

@@ -15,6 +15,7 @@ pruned blocks 0..i-1. Embeddings and the output head are never pruned.
 
 from __future__ import annotations
 
+import contextlib
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -145,6 +146,25 @@ class _Stop(Exception):
     pass
 
 
+class _InputStats:
+    """Accumulates a layer's calibration inputs from a forward hook: Σ x_j² per column (Wanda),
+    or H = (2/n) Σ xᵀx as a running mean over tokens (SparseGPT)."""
+
+    def __init__(self, gram: bool) -> None:
+        self.gram, self.n, self.value = gram, 0, None
+
+    def update(self, module: nn.Module, args: tuple, out: object) -> None:
+        x = args[0].reshape(-1, args[0].shape[-1]).double()  # (tokens, in)
+        if self.gram:
+            n = self.n + x.shape[0]
+            acc = 2 * x.t() @ x / n
+            self.value = acc if self.value is None else self.value * (self.n / n) + acc
+            self.n = n
+        else:
+            acc = (x**2).sum(0)
+            self.value = acc if self.value is None else self.value + acc
+
+
 def calibration_batches(
     calibration: Sequence[str] | torch.Tensor | None,
     tokenizer,
@@ -247,10 +267,8 @@ def prune(
     handle = blocks[0].register_forward_pre_hook(grab, with_kwargs=True)
     try:
         for i in range(0, len(batches), batch_size):
-            try:
+            with contextlib.suppress(_Stop):
                 model(input_ids=batches[i : i + batch_size].to(device), use_cache=False)
-            except _Stop:
-                pass
     finally:
         handle.remove()
 
@@ -258,38 +276,18 @@ def prune(
         layers = {
             p: m for p, m in block.named_modules() if p and layer_kind(m) in ("linear", "conv1d")
         }
-        stats: dict[str, torch.Tensor] = {}
-        counts: dict[str, int] = dict.fromkeys(layers, 0)
-
-        def hook(name):
-            def fn(module, args, out):
-                x = args[0].reshape(-1, args[0].shape[-1]).double()
-                n = x.shape[0]
-                if method == "wanda":
-                    acc = (x**2).sum(0)
-                else:  # running mean of 2 xᵀx, as in SparseGPT
-                    acc = 2 * x.t() @ x
-                prev = counts[name]
-                if name not in stats:
-                    stats[name] = acc / n
-                else:
-                    stats[name] = stats[name] * (prev / (prev + n)) + acc / (prev + n)
-                counts[name] = prev + n
-
-            return fn
-
-        handles = [m.register_forward_hook(hook(p)) for p, m in layers.items()]
+        stats = {p: _InputStats(gram=method == "sparsegpt") for p in layers}
+        handles = [m.register_forward_hook(stats[p].update) for p, m in layers.items()]
         for args, kwargs in inputs:
             block(*args, **kwargs)
         for h in handles:
             h.remove()
         for name, m in layers.items():
             w = _weight_oi(m)
-            if method == "wanda":
-                col_norm = (stats[name] * counts[name]).sqrt()  # ‖X_j‖₂ over all tokens
-                w[mask_from_scores(w.abs().double() * col_norm[None], sp)] = 0
+            if method == "wanda":  # ‖X_j‖₂ over all calibration tokens
+                w[mask_from_scores(w.abs().double() * stats[name].value.sqrt()[None], sp)] = 0
             else:
-                w.copy_(sparsegpt_prune(w, stats[name], sp))
+                w.copy_(sparsegpt_prune(w, stats[name].value, sp))
         # The next block sees this block's outputs after pruning.
         new_inputs = []
         for args, kwargs in inputs:
