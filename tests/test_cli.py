@@ -9,7 +9,7 @@ import torch
 
 from lorakit.cli import build_parser, main
 
-COMMANDS = ["train", "eval", "merge", "demo"]
+COMMANDS = ["train", "eval", "merge", "prune", "demo"]
 
 
 def test_help(capsys):
@@ -147,3 +147,28 @@ def test_unknown_target(tiny, reviews, tmp_path, capsys):
     )
     assert code == 2
     assert "matched no layer" in capsys.readouterr().err
+
+
+def test_prune_command(tiny, tmp_path, capsys):
+    text = tmp_path / "calib.txt"
+    text.write_text("to be or not to be, that is the question. " * 200)
+    out = tmp_path / "pruned"
+    args = [
+        "prune",
+        "--model",
+        str(tiny),
+        "--method",
+        "wanda",
+        "--sparsity",
+        "2:4",
+        "--data",
+        str(text),
+    ]
+    assert main([*args, "--samples", "4", "--seq-len", "32", "--output", str(out)]) == 0
+    assert "50.0%" in capsys.readouterr().out
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(out)
+    w = model.model.layers[0].mlp.down_proj.weight
+    assert int((w != 0).reshape(w.shape[0], -1, 4).sum(-1).max()) == 2
+    assert main(["prune", "--model", str(tiny), "--sparsity", "3:2", "--output", str(out)]) == 2

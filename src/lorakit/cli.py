@@ -233,6 +233,41 @@ def cmd_merge(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_prune(a: argparse.Namespace) -> int:
+    from .config import DTYPES
+    from .models import load_model
+    from .prune import prune
+
+    model, tok = load_model(a.model, dtype=DTYPES[a.dtype])
+    sparsity = a.sparsity if ":" in a.sparsity else float(a.sparsity)
+    calibration = None if a.data == "shakespeare" else _calibration_texts(a.data)
+    report = prune(
+        model,
+        a.method,
+        sparsity,
+        calibration,
+        tokenizer=tok,
+        n_samples=a.samples,
+        seq_len=a.seq_len,
+    )
+    rows = [(path, f"{frac:.1%}") for path, frac in report.items()]
+    print(table(rows, f"Achieved sparsity ({a.method}, {a.sparsity})"))
+    out = Path(a.output)
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    print(f"pruned model written to {out}")
+    return 0
+
+
+def _calibration_texts(source: str) -> list[str]:
+    from . import data
+
+    return [
+        r.get("text") or r.get("prompt", "") + r.get("completion", "")
+        for r in data.load_records(source, "train")
+    ]
+
+
 def cmd_demo(a: argparse.Namespace) -> int:
     from .demo import run_demo
 
@@ -289,6 +324,29 @@ def build_parser() -> argparse.ArgumentParser:
         "--dtype", default="float32", choices=["float32", "bfloat16"], help="model dtype"
     )
     p.set_defaults(func=cmd_merge)
+
+    p = sub.add_parser(
+        "prune",
+        help="prune a model to unstructured or N:M sparsity (magnitude, Wanda, SparseGPT)",
+        description="Prune the linear layers of a model (embeddings and head untouched) with "
+        "sequential block-by-block calibration, report the sparsity per layer and save an HF folder.",
+    )
+    p.add_argument("--model", default="smollm2-135m", help="model to prune")
+    p.add_argument(
+        "--method",
+        default="wanda",
+        choices=["magnitude", "wanda", "sparsegpt"],
+        help="pruning method",
+    )
+    p.add_argument("--sparsity", default="0.5", help="a fraction in (0, 1) or N:M such as 2:4")
+    p.add_argument("--data", default="shakespeare", help="calibration text (built-in name or file)")
+    p.add_argument("--samples", type=int, default=128, help="calibration windows")
+    p.add_argument("--seq-len", type=int, default=512, help="tokens per calibration window")
+    p.add_argument(
+        "--dtype", default="float32", choices=["float32", "bfloat16"], help="model dtype"
+    )
+    p.add_argument("--output", required=True, help="output folder for the pruned model")
+    p.set_defaults(func=cmd_prune)
 
     p = sub.add_parser(
         "demo",
