@@ -51,7 +51,7 @@ def _adapter(out: Path) -> dict[str, torch.Tensor]:
 
 def test_runs_and_writes_everything(tiny, data_file, tmp_path):
     out = tmp_path / "run"
-    summary = train(_cfg(tiny, data_file, out))["summary"]
+    summary = train(_cfg(tiny, data_file, out, val_data=str(data_file)))["summary"]
     for name in (
         "adapter/adapter_config.json",
         "adapter/adapter_model.safetensors",
@@ -78,8 +78,8 @@ def test_accumulation_matches_full_batch(tiny, data_file, tmp_path):
 
 
 def _crash_at_call(monkeypatch, n: int, exc: BaseException) -> None:
-    """Make the n-th forward of the training loop raise ``exc`` (2 micro-batches per step)."""
-    real, calls = train_mod.token_losses, {"n": 0}
+    """Make the n-th forward of the training loop raise ``exc`` (one per micro-batch)."""
+    real, calls = train_mod.batch_loss, {"n": 0}
 
     def wrapped(model, batch):
         calls["n"] += 1
@@ -87,7 +87,7 @@ def _crash_at_call(monkeypatch, n: int, exc: BaseException) -> None:
             raise exc
         return real(model, batch)
 
-    monkeypatch.setattr(train_mod, "token_losses", wrapped)
+    monkeypatch.setattr(train_mod, "batch_loss", wrapped)
 
 
 def test_resume_in_process_is_bit_identical(tiny, data_file, tmp_path, monkeypatch):
@@ -180,7 +180,7 @@ def test_nan_loss_stops_and_keeps_checkpoint(tiny, data_file, tmp_path, monkeypa
     monkeypatch.setattr(train_mod, "token_losses", poisoned)
     with pytest.raises(
         FloatingPointError,
-        match=r"loss is nan at step 4; stopping\. The last good checkpoint is .*checkpoint",
+        match=r"loss is nan at step 4; stopping before the optimizer step\. The last good checkpoint is .*checkpoint",
     ):
         train(_cfg(tiny, data_file, out))
     state = json.loads((out / "checkpoint" / "trainer_state.json").read_text())
@@ -217,3 +217,46 @@ def test_full_finetuning_baseline(tiny, data_file, tmp_path):
 def test_bad_train_config(tiny, data_file, tmp_path, bad):
     with pytest.raises(ValueError, match=r"must|valid choices"):
         _cfg(tiny, data_file, tmp_path, **bad)
+
+
+def test_local_file_has_no_implicit_validation(tiny, data_file, tmp_path):
+    summary = train(_cfg(tiny, data_file, tmp_path / "run", max_steps=1))["summary"]
+    assert not any(k.startswith("val_") for k in summary)
+
+
+@pytest.fixture(scope="module")
+def tiny_bert(tmp_path_factory) -> Path:
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    from lorakit.models import minilm_dir
+
+    folder = tmp_path_factory.mktemp("tiny-bert")
+    tok = AutoTokenizer.from_pretrained(minilm_dir())
+    torch.manual_seed(0)
+    cfg = BertConfig(
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+    )
+    BertModel(cfg).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+def test_seq_cls_resume_restores_head(tiny_bert, data_file, tmp_path, monkeypatch):
+    """An encoder classifier trains its new head fully; a resumed run restores it exactly."""
+    cfg = dict(model=str(tiny_bert), task="seq-cls", micro_batch_size=0)
+    full = train(_cfg(tiny_bert, data_file, tmp_path / "full", **cfg))
+    head = {k: v.clone() for k, v in full["model"].classifier.state_dict().items()}
+    with monkeypatch.context() as m:
+        _crash_at_call(m, 3, KeyboardInterrupt())  # one forward per step: dies in step 3
+        with pytest.raises(KeyboardInterrupt):
+            train(_cfg(tiny_bert, data_file, tmp_path / "cut", **cfg))
+    resumed = train(_cfg(tiny_bert, data_file, tmp_path / "cut", **cfg), resume=True)
+    for k, v in resumed["model"].classifier.state_dict().items():
+        assert torch.equal(v, head[k]), k
+    a, b = _adapter(tmp_path / "full"), _adapter(tmp_path / "cut")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert any(k.endswith("classifier.weight") for k in a)

@@ -143,6 +143,10 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, name: str | None = N
         "revision": None,
     }
     metadata = {"format": "pt", "lorakit_method": first.method, "lorakit_init": first.init}
+    if first.grad_correction:
+        metadata["lorakit_grad_correction"] = "true"
+    if first.adapter_dtype:
+        metadata["lorakit_adapter_dtype"] = first.adapter_dtype
     if first.method == "lors":
         # The mask is re-derived from the base weight's zeros; a fingerprint of each layer's zero
         # pattern lets load_adapter refuse a differently pruned model.
@@ -224,7 +228,7 @@ def _read_tensors(folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]
 def _pattern_value(patterns: dict[str, Any], path: str, default: Any) -> Any:
     # PEFT semantics: a pattern matches a module path if it matches a dotted suffix of it.
     for pattern, value in (patterns or {}).items():
-        if re.match(rf"(.*\.)?(?:{pattern})$", path) or re.match(pattern, path):
+        if re.match(rf"(.*\.)?(?:{pattern})$", path):
             return value
     return default
 
@@ -334,8 +338,15 @@ def load_adapter(
         targets=sorted(found),
         use_rslora=bool(config.get("use_rslora", False)),
         init=metadata.get("lorakit_init", "kaiming"),
-        modules_to_save=tuple(config.get("modules_to_save") or ()),
+        # PEFT writes e.g. ["classifier", "score"] for any SEQ_CLS model: keep the ones that exist.
+        modules_to_save=tuple(
+            m
+            for m in config.get("modules_to_save") or ()
+            if any(p == m or p.endswith("." + m) for p, _ in model.named_modules())
+        ),
         sparse_grad=metadata.get("lorakit_sparse_grad", "exact"),
+        grad_correction=metadata.get("lorakit_grad_correction") == "true",
+        adapter_dtype=metadata.get("lorakit_adapter_dtype"),
     )
     masks = json.loads(metadata.get("lorakit_masks", "{}"))
     configs: dict[str, LoRAConfig] = {}
@@ -380,7 +391,8 @@ def load_adapter(
                 f"does not fit the model"
             )
 
-    params = dict(model.named_parameters())
+    params = dict(model.named_parameters(remove_duplicate=False))
+    saved_modules = modules_to_save(model, base.modules_to_save) if trainable else {}
     for key, t in file.saved_params.items():
         if key not in params or params[key].shape != t.shape:
             have = tuple(params[key].shape) if key in params else "no such parameter"
@@ -397,9 +409,8 @@ def load_adapter(
             params[key].copy_(t)
     copy_adapter_weights(model, found, name)
     freeze_base(model)
-    if trainable:
-        for module in modules_to_save(model, base.modules_to_save).values():
-            module.requires_grad_(True)
+    for module in saved_modules.values():
+        module.requires_grad_(True)
     set_adapter(model, name)
     if not trainable:
         for _, layer in adapted_layers(model):

@@ -133,6 +133,17 @@ def last_token_logits(
     return torch.stack(out)
 
 
+def label_token_ids(tokenizer, label_words: Sequence[str]) -> list[int]:
+    """The token id of each label word; each must be exactly one token."""
+    word_ids = [tokenizer(w, add_special_tokens=False)["input_ids"] for w in label_words]
+    if any(len(w) != 1 for w in word_ids):
+        raise ValueError(
+            "label words must be single tokens for this tokenizer, got "
+            f"{dict(zip(label_words, word_ids, strict=True))}"
+        )
+    return [w[0] for w in word_ids]
+
+
 @torch.no_grad()
 def classify(
     model: nn.Module,
@@ -146,13 +157,7 @@ def classify(
 
     Label words must be one token each; see :func:`last_token_logits` for how it is batched.
     """
-    word_ids = [tokenizer(w, add_special_tokens=False)["input_ids"] for w in label_words]
-    if any(len(w) != 1 for w in word_ids):
-        raise ValueError(
-            "label words must be single tokens for this tokenizer, got "
-            f"{dict(zip(label_words, word_ids, strict=True))}"
-        )
-    candidates = torch.tensor([w[0] for w in word_ids])
+    candidates = torch.tensor(label_token_ids(tokenizer, label_words))
     was_training = model.training
     model.eval()
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id

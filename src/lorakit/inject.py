@@ -185,8 +185,17 @@ def inject(model: nn.Module, config: LoRAConfig, name: str = "default") -> nn.Mo
     """
     if not isinstance(config, LoRAConfig):
         raise TypeError(f"config must be a lorakit.LoRAConfig, got {type(config).__name__}")
-    paths = match_targets(model, config.targets)
     saved = modules_to_save(model, config.modules_to_save)
+    # Modules trained fully are not also adapted (PEFT does the same).
+    paths = [
+        p
+        for p in match_targets(model, config.targets)
+        if not any(p == s or p.startswith(s + ".") for s in saved)
+    ]
+    if not paths:
+        raise ValueError(
+            f"every target lies inside modules_to_save {list(saved)}; nothing to adapt"
+        )
     add_adapter(model, paths, config, name)
     freeze_base(model)
     for module in saved.values():
@@ -260,11 +269,11 @@ def delete_adapter(model: nn.Module, name: str) -> None:
     names = adapter_names(model)
     if name not in names:
         raise ValueError(f"no adapter named {name!r}; the model has {names}")
-    for path, layer in list(adapted_layers(model)):
-        if name not in layer.adapters:
-            continue
-        if name in layer.merged:
-            raise ValueError(f"adapter {name!r} is merged into {path}; unmerge it before deleting")
+    layers = [(p, layer) for p, layer in adapted_layers(model) if name in layer.adapters]
+    merged = [p for p, layer in layers if name in layer.merged]
+    if merged:
+        raise ValueError(f"adapter {name!r} is merged into {merged[0]}; unmerge it before deleting")
+    for path, layer in layers:
         del layer.adapters[name]
         if layer.active == name:
             layer.active = None

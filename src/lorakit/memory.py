@@ -28,6 +28,9 @@ import torch.nn.functional as F
 from torch import nn
 
 IGNORE = -100
+# Model types whose norms, MLP and LM head are exactly what the replacements compute (Gemma's
+# (1 + w) RMSNorm and soft-capped / scaled logits are not).
+SUPPORTED = {"llama", "mistral", "qwen2", "qwen3", "gpt2"}
 
 
 def _acc(t: torch.Tensor) -> torch.dtype:
@@ -50,12 +53,18 @@ class LinearCrossEntropy(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, h, weight, labels, chunk: int):
+    def forward(ctx, h, weight, labels, chunk: int, grads: bool = True):
+        with torch.autocast(h.device.type, enabled=False):  # the logits stay in fp32
+            return LinearCrossEntropy._run(ctx, h, weight, labels, chunk, grads)
+
+    @staticmethod
+    def _run(ctx, h, weight, labels, chunk, grads):
+        # grads=False (evaluation under no_grad): the loss alone, no dh / dW work.
         n = h.shape[0]
         acc = _acc(h)
         loss = torch.zeros((), dtype=acc, device=h.device)
-        dh = torch.zeros_like(h)
-        dw = torch.zeros_like(weight, dtype=acc) if weight.requires_grad else None
+        dh = torch.zeros_like(h) if grads else None
+        dw = torch.zeros_like(weight, dtype=acc) if grads and weight.requires_grad else None
         w32 = weight.to(acc)
         for i in range(0, n, chunk):
             hc, yc = h[i : i + chunk].to(acc), labels[i : i + chunk]
@@ -64,6 +73,8 @@ class LinearCrossEntropy(torch.autograd.Function):
             valid = yc != IGNORE
             safe = torch.where(valid, yc, 0)
             loss += ((lse - z.gather(1, safe[:, None]).squeeze(1)) * valid).sum()
+            if not grads:
+                continue
             # z becomes the gradient of the summed loss w.r.t. the logits, in place.
             z.sub_(lse[:, None]).exp_()
             z[torch.arange(len(yc), device=z.device), safe] -= 1.0
@@ -80,7 +91,7 @@ class LinearCrossEntropy(torch.autograd.Function):
     def backward(ctx, g):
         dh, dw = ctx.saved_tensors
         dw = None if dw is None else (dw * g).to(ctx.weight_dtype)
-        return dh * g.to(dh.dtype), dw, None, None
+        return dh * g.to(dh.dtype), dw, None, None, None
 
 
 def chunked_causal_lm_loss(
@@ -236,11 +247,16 @@ def reduce_activation_memory(
         chunk_size: tokens per chunk of the fused loss.
     """
     llama, gpt2 = _is_llama_like(model), _is_gpt2(model)
-    if not (llama or gpt2):
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if not (llama or gpt2) or model_type not in SUPPORTED:
         raise ValueError(
-            f"reduce_activation_memory supports HF causal LMs of the LLaMA family and GPT-2; "
-            f"got {type(model).__name__}"
+            f"reduce_activation_memory supports HF causal LMs of the LLaMA family and GPT-2 "
+            f"(model_type in {sorted(SUPPORTED)}); got {type(model).__name__} ({model_type})"
         )
+    from .layers import AdaptedLayer
+
+    if chunked_loss and isinstance(model.lm_head, AdaptedLayer):
+        raise ValueError("chunked_loss uses the LM head's weight directly; it cannot be adapted")
     if chunked_loss and not hasattr(model, "_lorakit_dense_forward"):
         model._lorakit_dense_forward = model.forward
         model._lorakit_chunk = chunk_size

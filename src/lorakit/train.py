@@ -10,6 +10,7 @@ renames: a crash mid-save leaves the previous checkpoint readable.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -25,14 +26,22 @@ from torch import nn
 
 from .adapters import copy_adapter_weights, read_adapter, save_adapter
 from .config import DTYPES, LoRAConfig
-from .evaluate import IGNORE, accuracy, classify, left_pad, perplexity, token_losses
+from .evaluate import (
+    IGNORE,
+    accuracy,
+    classify,
+    label_token_ids,
+    left_pad,
+    perplexity,
+    token_losses,
+)
 from .inject import count_parameters, inject
 
 Task = Literal["auto", "lm", "classify", "sft", "seq-cls"]
 # Classification heads that a sequence-classification model trains fully next to the adapter.
 HEADS = ("classifier", "score")
 # Fields that may change between a run and its resumption (they do not change the math).
-RESUMABLE_CHANGES = ("eval_every", "save_every", "eval_examples", "progress")
+RESUMABLE_CHANGES = ("eval_every", "save_every", "eval_examples", "progress", "output")
 
 
 @dataclass(frozen=True)
@@ -41,6 +50,7 @@ class TrainConfig:
 
     model: str = "smollm2-135m"  # embedded name, local HF folder or hub id
     data: str = "rotten-tomatoes"  # built-in name, local file or `datasets` name
+    val_data: str | None = None  # validation source; default: data's validation split (built-ins)
     method: str = "lora"  # "lora" | "lora_fa" | "lors" | "full"
     rank: int = 16
     alpha: float = 32.0
@@ -78,9 +88,19 @@ class TrainConfig:
             raise ValueError(f"dtype must be float32 or bfloat16, got {self.dtype!r}")
         if self.schedule not in ("cosine", "linear", "constant"):
             raise ValueError(f"schedule must be cosine, linear or constant, got {self.schedule!r}")
-        for name in ("max_steps", "batch_size", "max_len"):
+        for name in ("max_steps", "batch_size", "max_len", "lr"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        for name in (
+            "micro_batch_size",
+            "max_grad_norm",
+            "eval_every",
+            "eval_examples",
+            "save_every",
+            "weight_decay",
+        ):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         micro = self.micro_batch_size or self.batch_size
         if self.batch_size % micro:
             raise ValueError(
@@ -169,9 +189,16 @@ def resolve_task(cfg: TrainConfig, first: dict[str, Any]) -> str:
 
 
 def load_splits(cfg: TrainConfig) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Train records, and validation records: ``val_data`` if given, else the data's own
+    validation split for built-in / hub datasets. A local file has no split of its own (every
+    split is the whole file), so it gets no validation unless ``val_data`` names one."""
     from . import data
 
     train = data.load_records(cfg.data, "train")
+    if cfg.val_data is not None:
+        return train, data.load_records(cfg.val_data, "validation")
+    if Path(cfg.data).expanduser().exists():
+        return train, []
     try:
         val = data.load_records(cfg.data, "validation")
     except (ValueError, KeyError):
@@ -197,6 +224,7 @@ def prepare_data(cfg: TrainConfig, tokenizer, task: str, train, val) -> Prepared
         return Prepared(task, examples, val)
     if task == "classify":
         template, words = classification_prompt(tokenizer, label_names(cfg, train), cfg.prompt)
+        label_token_ids(tokenizer, words)  # fail now, not after training, on multi-token words
         examples = data.encode_examples(
             train, tokenizer, cfg.max_len, template=template, label_words=words
         )
@@ -209,14 +237,19 @@ def prepare_data(cfg: TrainConfig, tokenizer, task: str, train, val) -> Prepared
     return Prepared(task, examples, val, val_blocks=val_blocks)
 
 
+@functools.lru_cache(maxsize=2)
+def _epoch_order(n: int, seed: int, epoch: int) -> list[int]:
+    return torch.randperm(
+        n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    ).tolist()
+
+
 def batch_indices(step: int, batch_size: int, n: int, seed: int) -> list[int]:
     """Example indices of global batch ``step``: a seeded permutation per epoch, nothing else."""
-    out = []
-    for pos in range(step * batch_size, (step + 1) * batch_size):
-        epoch, offset = divmod(pos, n)
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
-        out.append(int(perm[offset]))
-    return out
+    return [
+        _epoch_order(n, seed, pos // n)[pos % n]
+        for pos in range(step * batch_size, (step + 1) * batch_size)
+    ]
 
 
 def collate(examples: list[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]:
@@ -229,7 +262,8 @@ def collate(examples: list[dict[str, Any]], pad_id: int) -> dict[str, torch.Tens
         labels = torch.tensor([e["label"] for e in examples])
         return {"input_ids": ids.flip(1), "attention_mask": mask.flip(1), "labels": labels}
     ids, mask = left_pad([e["input_ids"] for e in examples], pad_id)
-    labels, _ = left_pad([e["labels"] for e in examples], IGNORE)
+    # A row's first token is predicted by nothing (a pad position, after left padding).
+    labels, _ = left_pad([[IGNORE, *e["labels"][1:]] for e in examples], IGNORE)
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
@@ -345,7 +379,11 @@ def load_checkpoint(folder: Path, model, optimizer, scheduler, cfg: TrainConfig)
             for n, p in _trainable(model):
                 p.copy_(weights[n])
         else:
-            copy_adapter_weights(model, read_adapter(folder / "adapter").weights, "default")
+            saved = read_adapter(folder / "adapter")
+            copy_adapter_weights(model, saved.weights, "default")
+            params = dict(model.named_parameters(remove_duplicate=False))
+            for key, t in saved.saved_params.items():  # modules_to_save (e.g. a classifier head)
+                params[key].copy_(t)
     state: dict[str, Any] = {"state": {}, "param_groups": meta["param_groups"]}
     for key, v in tensors.items():
         if key.startswith("optim."):
@@ -496,19 +534,23 @@ def train(
             loss_sum += loss.detach().item()
             tokens_seen += int(mb["attention_mask"].sum())
         loss_value = loss_sum / max(count, 1)
-        if not math.isfinite(loss_value):
+        norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or float("inf"))
+        if not math.isfinite(loss_value) or not torch.isfinite(norm):
             optimizer.zero_grad(set_to_none=True)
             last = find_checkpoint(out)
+            what = (
+                f"loss is {loss_value}"
+                if not math.isfinite(loss_value)
+                else f"gradient norm is {float(norm)}"
+            )
             raise FloatingPointError(
-                f"loss is {loss_value} at step {step + 1}; stopping. "
+                f"{what} at step {step + 1}; stopping before the optimizer step. "
                 + (
                     f"The last good checkpoint is {last}."
                     if last
                     else "No checkpoint was written yet."
                 )
             )
-        if cfg.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)

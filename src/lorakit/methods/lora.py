@@ -4,11 +4,12 @@ One adapter adds ``s·B A`` to a frozen weight: ``y = x Wᵀ + s·(x Aᵀ) Bᵀ`
 B (out, r), A random and B zero so training starts from the base model. For embeddings PEFT's layout
 is kept: A (r, num_embeddings) is zero and B (dim, r) Gaussian, ``y = W[ids] + s·Aᵀ[ids] Bᵀ``.
 
-Plain autograd is enough here and keeps the method composable with torch.compile, FSDP and
-checkpointing. What it saves per layer for backward is exactly the layer input x (shared by layers
-that read the same input, e.g. q/k/v) and H = x Aᵀ (N, r). Unlike PEFT it never copies x: adapter
-weights are cast to the activation dtype (a tiny r·d cast) instead of casting x to the adapter's
-dtype, and the low-rank product is added into the base output in place with one ``addmm_``.
+A linear layer with its adapter is one autograd Function (:class:`LoRAFunction`) that keeps only
+the layer input x for backward (its storage is shared by layers reading the same input, e.g.
+q/k/v) and recomputes H = x Aᵀ there; PEFT keeps x and H, plus an fp32 copy of x for 16-bit
+models. Adapter weights are cast to the compute dtype (a tiny r·d cast) rather than casting x, and
+the low-rank product is added into the base output in place. With dropout the layer falls back to
+plain autograd (which also keeps the dropped input).
 """
 
 from __future__ import annotations
@@ -38,14 +39,34 @@ def init_lora_A(A: torch.Tensor, init: str) -> None:
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
     """dtype an adapted layer computes in: float32 for 16-bit inputs on CPU, else x's dtype.
 
+    Under autocast, "x's dtype" is the autocast dtype (see :func:`layer_dtypes`).
+
     CPUs without bf16 units run bf16 GEMMs about 10x slower than fp32 (measured here: (512x576)
     @ (576x1536) 46 ms in bf16, 5.2 ms in fp32; skinny (512x1536) @ (1536x16) 8.1 ms vs 0.26 ms).
     The upcast copies are transient, never saved for backward; products of 16-bit numbers are
     exact in fp32, so this matches a 16-bit GEMM with fp32 accumulation up to summation order.
     """
-    if x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16):
-        return torch.float32
-    return x.dtype
+    return layer_dtypes(x)[1]
+
+
+def layer_dtypes(x: torch.Tensor) -> tuple[torch.dtype, torch.dtype]:
+    """(output dtype, compute dtype) of an adapted layer fed ``x``, honouring autocast."""
+    device = x.device.type
+    out = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+    if device == "cpu" and out in (torch.bfloat16, torch.float16):
+        return out, torch.float32
+    return out, out
+
+
+def frozen_base(weight: torch.Tensor, bias: torch.Tensor | None, method: str) -> None:
+    """Refuse a trainable base weight in methods whose backward has no input to compute dW from."""
+    if torch.is_grad_enabled() and (
+        weight.requires_grad or (bias is not None and bias.requires_grad)
+    ):
+        raise ValueError(
+            f"{method} keeps the base weight frozen (its backward does not keep what dW needs); "
+            f"freeze the layer's weight/bias or use method='lora'"
+        )
 
 
 def add_low_rank(y: torch.Tensor, h: torch.Tensor, B: torch.Tensor, scaling: float) -> torch.Tensor:
@@ -54,8 +75,6 @@ def add_low_rank(y: torch.Tensor, h: torch.Tensor, B: torch.Tensor, scaling: flo
     y (N, out), h (N, r), B (out, r). In-place is safe for outputs of mm/addmm/embedding (their
     backward does not need their output); it saves one (N, out) temporary.
     """
-    if y.requires_grad and y.is_leaf:
-        return y + scaling * (h @ B.to(h.dtype).t()).to(y.dtype)
     cd = compute_dtype(y)
     if cd == y.dtype:
         return y.addmm_(h.to(cd), B.to(cd).t(), alpha=scaling)
@@ -94,40 +113,52 @@ class LoRAFunction(torch.autograd.Function):
               with H recomputed from x (an N·in·r GEMM) instead of being kept.
     saves:    x (its storage is shared with every other consumer of x, e.g. q/k/v), plus W, A,
               B, which are parameters: N·in activation elements per layer, PEFT keeps N·(in + r).
-    Everything runs in :func:`compute_dtype` (fp32 for 16-bit inputs on CPU, transiently).
+    dtypes:   computes in :func:`layer_dtypes`' compute dtype (fp32 for 16-bit on CPU,
+              transiently), returns the output dtype (the autocast dtype under autocast).
+    A base weight/bias that requires grad gets dW = Gᵀ x and db = Σ G as plain linear layers do.
     """
 
     @staticmethod
     def forward(ctx, x, weight, bias, A, B, scaling: float, fan_in_fan_out: bool):
-        cd = compute_dtype(x)
-        x_c = x.to(cd)
-        b = None if bias is None else bias.to(cd)
-        y = _base(x_c, weight.to(cd), b, fan_in_fan_out)  # (N, out)
-        h = x_c @ A.to(cd).t()  # (N, r)
-        y.addmm_(h, B.to(cd).t(), alpha=scaling)
+        out_dtype, cd = layer_dtypes(x)
+        with torch.autocast(x.device.type, enabled=False):
+            x_c = x.to(cd)
+            b = None if bias is None else bias.to(cd)
+            y = _base(x_c, weight.to(cd), b, fan_in_fan_out)  # (N, out)
+            h = x_c @ A.to(cd).t()  # (N, r)
+            y.addmm_(h, B.to(cd).t(), alpha=scaling)
         ctx.save_for_backward(x, weight, A, B)
-        ctx.scaling, ctx.fifo = scaling, fan_in_fan_out
-        return y.to(x.dtype)
+        ctx.scaling, ctx.fifo, ctx.cd, ctx.bias_dtype = (
+            scaling,
+            fan_in_fan_out,
+            cd,
+            None if bias is None else bias.dtype,
+        )
+        return y.to(out_dtype)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, g):
         x, weight, A, B = ctx.saved_tensors
-        s = ctx.scaling
-        cd = compute_dtype(x)
+        s, cd = ctx.scaling, ctx.cd
         g_c, x_c, A_c = g.to(cd), x.to(cd), A.to(cd)
         dh = (g_c @ B.to(cd)) * s  # (N, r)
-        dx = dA = dB = None
+        dx = dW = db = dA = dB = None
         if ctx.needs_input_grad[0]:
             w = weight.to(cd)
             dx = g_c @ (w.t() if ctx.fifo else w)  # (N, in)
             dx = dx.addmm_(dh, A_c).to(x.dtype)
+        if ctx.needs_input_grad[1]:  # only if the caller unfroze the base weight
+            dW = g_c.t() @ x_c  # (out, in)
+            dW = (dW.t() if ctx.fifo else dW).to(weight.dtype)
+        if ctx.needs_input_grad[2]:
+            db = g_c.sum(0).to(ctx.bias_dtype)
         if ctx.needs_input_grad[3]:
             dA = (dh.t() @ x_c).to(A.dtype)  # (r, in)
         if ctx.needs_input_grad[4]:
             h = x_c @ A_c.t()  # (N, r), recomputed
             dB = ((g_c.t() @ h) * s).to(B.dtype)  # (out, r)
-        return dx, None, None, dA, dB, None, None
+        return dx, dW, db, dA, dB, None, None
 
 
 class LoRA(nn.Module):

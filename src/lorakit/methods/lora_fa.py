@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from .lora import _base, compute_dtype, embed_low_rank, init_lora_A
+from .lora import _base, embed_low_rank, frozen_base, init_lora_A, layer_dtypes
 
 if TYPE_CHECKING:
     from ..config import LoRAConfig
@@ -48,36 +48,37 @@ class LoRAFAFunction(torch.autograd.Function):
 
     forward:  M = dropout mask (N, in) or 1;  H = (x ⊙ M) Aᵀ (N, r);  y = x Wᵀ + b + s·H Bᵀ
     backward: dB = s·Gᵀ H (out, r);  dx = G W + M ⊙ (s·G B) A (N, in)
-    saves:    H in x's dtype (2·N·r bytes in bf16), the RNG state if dropout is on (M is redrawn
-              in backward), and W, A, B (parameters/buffers). Never x.
-    Computes in :func:`~lorakit.methods.lora.compute_dtype` (fp32 for 16-bit inputs on CPU).
+    saves:    H in the output dtype (2·N·r bytes in bf16), the RNG state if dropout is on (M is
+              redrawn in backward), and W, A, B (parameters/buffers). Never x.
+    Computes like :class:`~lorakit.methods.lora.LoRAFunction` (fp32 for 16-bit on CPU; autocast).
+    The base weight must be frozen: without x there is no dW.
     """
 
     @staticmethod
     def forward(ctx, x, weight, bias, A, B, scaling: float, fan_in_fan_out: bool, p: float):
-        cd = compute_dtype(x)
-        x_c = x.to(cd)
-        b = None if bias is None else bias.to(cd)
-        y = _base(x_c, weight.to(cd), b, fan_in_fan_out)  # (N, out)
-        rng = None
-        if p > 0:  # keep the generator state, not the (N, in) mask; backward redraws it
-            rng = torch.cuda.get_rng_state(x.device) if x.is_cuda else torch.get_rng_state()
-            keep = torch.empty(x.shape, dtype=cd, device=x.device).bernoulli_(1 - p)
-            x_c = x_c * keep.div_(1 - p)
-        h = x_c @ A.to(cd).t()  # (N, r)
-        y.addmm_(h, B.to(cd).t(), alpha=scaling)
-        ctx.save_for_backward(h.to(x.dtype), weight, A, B, rng)
-        ctx.scaling, ctx.fifo, ctx.p = scaling, fan_in_fan_out, p
+        out_dtype, cd = layer_dtypes(x)
+        with torch.autocast(x.device.type, enabled=False):
+            x_c = x.to(cd)
+            b = None if bias is None else bias.to(cd)
+            y = _base(x_c, weight.to(cd), b, fan_in_fan_out)  # (N, out)
+            rng = None
+            if p > 0:  # keep the generator state, not the (N, in) mask; backward redraws it
+                rng = torch.cuda.get_rng_state(x.device) if x.is_cuda else torch.get_rng_state()
+                keep = torch.empty(x.shape, dtype=cd, device=x.device).bernoulli_(1 - p)
+                x_c = x_c * keep.div_(1 - p)
+            h = x_c @ A.to(cd).t()  # (N, r)
+            y.addmm_(h, B.to(cd).t(), alpha=scaling)
+        ctx.save_for_backward(h.to(out_dtype), weight, A, B, rng)
+        ctx.scaling, ctx.fifo, ctx.p, ctx.cd = scaling, fan_in_fan_out, p, cd
         ctx.x_meta = (x.shape, x.dtype, x.device)
-        return y.to(x.dtype)
+        return y.to(out_dtype)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, g):
         h, weight, A, B, rng = ctx.saved_tensors
         shape, dtype, device = ctx.x_meta
-        s = ctx.scaling
-        cd = compute_dtype(g)
+        s, cd = ctx.scaling, ctx.cd
         g_c = g.to(cd)
         dx = dB = None
         if ctx.needs_input_grad[0]:
@@ -131,6 +132,7 @@ class LoRAFA(nn.Module):
     def forward(self, x: torch.Tensor, layer: AdaptedLayer) -> torch.Tensor:
         if layer.kind == "embedding":  # backward keeps ids and the (N, r) rows of Aᵀ
             return embed_low_rank(x, layer, self.lora_A, self.lora_B, self.scaling)
+        frozen_base(layer.weight, layer.bias, "lora_fa")
         lead = x.shape[:-1]
         x2 = x.reshape(-1, x.shape[-1])  # (N, in)
         p = self.dropout if self.training else 0.0

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from .lora import compute_dtype, init_lora_A
+from .lora import frozen_base, init_lora_A, layer_dtypes
 
 if TYPE_CHECKING:
     from ..config import LoRAConfig
@@ -57,21 +57,21 @@ class LoRSFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, A, B, scaling: float, fan_in_fan_out: bool, exact: bool):
-        cd = compute_dtype(x)
-        w = masked_weight(weight, A, B, scaling, fan_in_fan_out, cd)
-        x_c = x.to(cd)
-        w_t = w if fan_in_fan_out else w.t()  # (in, out)
-        y = x_c @ w_t if bias is None else torch.addmm(bias.to(cd), x_c, w_t)
+        out_dtype, cd = layer_dtypes(x)
+        with torch.autocast(x.device.type, enabled=False):
+            w = masked_weight(weight, A, B, scaling, fan_in_fan_out, cd)
+            x_c = x.to(cd)
+            w_t = w if fan_in_fan_out else w.t()  # (in, out)
+            y = x_c @ w_t if bias is None else torch.addmm(bias.to(cd), x_c, w_t)
         ctx.save_for_backward(x, weight, A, B)
-        ctx.scaling, ctx.fifo, ctx.exact = scaling, fan_in_fan_out, exact
-        return y.to(x.dtype)
+        ctx.scaling, ctx.fifo, ctx.exact, ctx.cd = scaling, fan_in_fan_out, exact, cd
+        return y.to(out_dtype)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, g):
         x, weight, A, B = ctx.saved_tensors
-        s, fifo = ctx.scaling, ctx.fifo
-        cd = compute_dtype(x)
+        s, fifo, cd = ctx.scaling, ctx.fifo, ctx.cd
         g_c, x_c, A_c, B_c = g.to(cd), x.to(cd), A.to(cd), B.to(cd)
         dx = dA = dB = None
         if ctx.needs_input_grad[0]:
@@ -131,6 +131,7 @@ class LoRS(nn.Module):
         return delta * (w != 0).to(delta.dtype)
 
     def forward(self, x: torch.Tensor, layer: AdaptedLayer) -> torch.Tensor:
+        frozen_base(layer.weight, layer.bias, "lors")
         lead = x.shape[:-1]
         x2 = x.reshape(-1, x.shape[-1])
         y = LoRSFunction.apply(
@@ -151,3 +152,62 @@ class LoRS(nn.Module):
         return (
             f"rank={r}, in={self.lora_A.shape[1]}, out={out}, scaling={self.scaling:g}, grad={mode}"
         )
+
+
+def gradient_svd_init(
+    model: nn.Module, loss_fn, batches, name: str | None = None, *, niter: int = 4
+) -> int:
+    """LoRS / LoRA-GA initialisation, usable with every method: A ← the top-r right singular
+    vectors of the dense weight gradient averaged over ``batches``, B ← 0 (outputs unchanged).
+
+    The dense gradient is taken on the base model (adapters disabled) by letting the adapted
+    layers' weights require grad for these backward passes only; it costs one weight-sized
+    gradient per adapted layer, once.
+
+    Args:
+        model: an injected model; adapter ``name`` (default: the active one) is re-initialised.
+        loss_fn: ``loss_fn(model, batch) -> scalar loss``.
+        batches: an iterable of batches (the paper averages over ~128 samples).
+        niter: subspace iterations of ``torch.svd_lowrank`` (q = min(4r, in, out)).
+
+    Returns:
+        The number of batches used.
+    """
+    from ..inject import active_adapter, adapted_layers, disable_adapters
+
+    name = name or active_adapter(model)
+    layers = [layer for _, layer in adapted_layers(model) if name in layer.adapters]
+    if not layers:
+        raise ValueError(f"the model has no adapter named {name!r}")
+    weights = [layer.weight for layer in layers]
+    flags = [w.requires_grad for w in weights]
+    others = [p for p in model.parameters() if p.requires_grad]
+    count = 0
+    try:
+        for p in others:
+            p.requires_grad_(False)
+        for w in weights:
+            w.requires_grad_(True)
+            w.grad = None
+        with disable_adapters(model):
+            for batch in batches:
+                loss_fn(model, batch).backward()
+                count += 1
+        if not count:
+            raise ValueError("gradient_svd_init needs at least one batch")
+        with torch.no_grad():
+            for layer in layers:
+                adapter = layer.adapters[name]
+                g = layer.weight.grad.float() / count
+                g = g.t() if layer.fan_in_fan_out else g  # (out, in)
+                r = adapter.lora_A.shape[0]
+                _, _, V = torch.svd_lowrank(g, q=min(4 * r, *g.shape), niter=niter)  # (in, q)
+                adapter.lora_A.copy_(V[:, :r].t().to(adapter.lora_A.dtype))
+                adapter.lora_B.zero_()
+    finally:
+        for w, flag in zip(weights, flags, strict=True):
+            w.requires_grad_(flag)
+            w.grad = None
+        for p in others:
+            p.requires_grad_(True)
+    return count
