@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from conftest import build, logits
@@ -128,3 +130,32 @@ def test_saves_no_weight_sized_tensor():
 def test_sparse_grad_only_for_lors():
     with pytest.raises(ValueError, match=r"sparse_grad is a LoRS option; method is 'lora'"):
         lk.LoRAConfig(sparse_grad="straight_through")
+
+
+@pytest.mark.parametrize("method", ["lora", "lora_fa", "lors"])
+def test_gradient_svd_init(method, ids):
+    base = _pruned_mlp()
+    model = lk.inject(
+        copy.deepcopy(base), lk.LoRAConfig(method=method, rank=3, targets=["q_proj", "down_proj"])
+    )
+
+    def loss_fn(m, batch):
+        return m(input_ids=batch, labels=batch).loss
+
+    batches = [ids, ids.flip(1)]
+    before = logits(model, ids)
+    assert lk.gradient_svd_init(model, loss_fn, batches) == 2
+    assert torch.equal(logits(model, ids), before)  # B = 0: the model is unchanged
+    assert not any(p.grad is not None for p in model.parameters() if not p.requires_grad)
+    # Reference: the mean dense gradient of the base model, its top right singular vectors.
+    ref = copy.deepcopy(base)
+    for b in batches:
+        loss_fn(ref, b).backward()
+    for path, layer in lk.adapted_layers(model):
+        g = ref.get_submodule(path).weight.grad / 2
+        _, _, Vh = torch.linalg.svd(g.double(), full_matrices=False)
+        A = layer.adapters["default"].lora_A.double()
+        # same subspace: projecting A's rows onto the top-3 singular directions keeps them whole
+        P = Vh[:3].t() @ Vh[:3]
+        torch.testing.assert_close(A @ P, A, atol=1e-3, rtol=0)
+        assert torch.count_nonzero(layer.adapters["default"].lora_B) == 0

@@ -260,3 +260,10 @@ def test_seq_cls_resume_restores_head(tiny_bert, data_file, tmp_path, monkeypatc
     a, b = _adapter(tmp_path / "full"), _adapter(tmp_path / "cut")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert any(k.endswith("classifier.weight") for k in a)
+
+
+def test_gradient_svd_init_in_training(tiny, data_file, tmp_path):
+    summary = train(_cfg(tiny, data_file, tmp_path / "g", init="gradient_svd", init_samples=8, max_steps=2))
+    assert summary["summary"]["steps"] == 2
+    with pytest.raises(ValueError, match=r"init must be kaiming, gaussian or gradient_svd"):
+        _cfg(tiny, data_file, tmp_path, init="orthogonal")

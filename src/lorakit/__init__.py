@@ -26,6 +26,7 @@ from .inject import (
 )
 from .layers import AdaptedLayer
 from .memory import reduce_activation_memory
+from .methods.lors import gradient_svd_init
 from .profile import count_saved, profile_steps
 from .prune import prune
 
@@ -41,6 +42,7 @@ __all__ = [
     "count_saved",
     "delete_adapter",
     "disable_adapters",
+    "gradient_svd_init",
     "inject",
     "load_adapter",
     "match_targets",

@@ -56,6 +56,18 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--alpha", type=float, default=32.0, help="scaling numerator: s = alpha / r")
     p.add_argument("--dropout", type=float, default=0.0, help="dropout on the adapter input")
     p.add_argument(
+        "--init",
+        default="kaiming",
+        choices=["kaiming", "gaussian", "gradient_svd"],
+        help="adapter A init; gradient_svd: top-r right singular vectors of the mean dense "
+        "gradient over 128 training examples (LoRS / LoRA-GA)",
+    )
+    p.add_argument(
+        "--val-data",
+        default=None,
+        help="validation data (default: the dataset's validation split; none for a local file)",
+    )
+    p.add_argument(
         "--grad-correction",
         action="store_true",
         help="LoRA-FA v2: precondition B's gradient with (A Aᵀ)⁻¹ / s²",
@@ -126,14 +138,18 @@ def _train_args(p: argparse.ArgumentParser) -> None:
 def _train_config(a: argparse.Namespace):
     from .train import TrainConfig
 
-    return TrainConfig(
-        model=a.model, data=a.data, method=a.method, rank=a.rank, alpha=a.alpha, dropout=a.dropout,
-        targets=a.targets, grad_correction=a.grad_correction, reduce_memory=a.reduce_memory, task=a.task, prompt=a.prompt, max_steps=a.max_steps, batch_size=a.batch_size,
-        micro_batch_size=a.micro_batch_size, lr=a.lr, warmup=a.warmup, schedule=a.schedule,
-        weight_decay=a.weight_decay, max_grad_norm=a.max_grad_norm, dtype=a.dtype, seed=a.seed,
-        max_len=a.max_len, eval_every=a.eval_every, eval_examples=a.eval_examples,
-        save_every=a.save_every, output=a.output, progress=not a.no_progress,
-    )  # fmt: skip
+    fields = {
+        "model": a.model, "data": a.data, "val_data": a.val_data, "method": a.method,
+        "rank": a.rank, "alpha": a.alpha, "dropout": a.dropout, "targets": a.targets,
+        "init": a.init, "grad_correction": a.grad_correction, "reduce_memory": a.reduce_memory,
+        "task": a.task, "prompt": a.prompt, "max_steps": a.max_steps, "batch_size": a.batch_size,
+        "micro_batch_size": a.micro_batch_size, "lr": a.lr, "warmup": a.warmup,
+        "schedule": a.schedule, "weight_decay": a.weight_decay, "max_grad_norm": a.max_grad_norm,
+        "dtype": a.dtype, "seed": a.seed, "max_len": a.max_len, "eval_every": a.eval_every,
+        "eval_examples": a.eval_examples, "save_every": a.save_every, "output": a.output,
+        "progress": not a.no_progress,
+    }  # fmt: skip
+    return TrainConfig(**fields)
 
 
 def table(rows: list[tuple[str, str]], title: str = "") -> str:

@@ -58,6 +58,8 @@ class TrainConfig:
     targets: str | tuple[str, ...] = "all-linear"
     grad_correction: bool = False  # lora_fa: LoRA-FA v2 gradient correction
     reduce_memory: bool = False  # apply reduce_activation_memory (causal LMs)
+    init: str = "kaiming"  # A's init: "kaiming" | "gaussian" | "gradient_svd" (LoRS / LoRA-GA)
+    init_samples: int = 128  # training examples whose mean gradient gradient_svd uses
     task: Task = "auto"  # auto: labels -> classify (causal LM) / seq-cls (encoder); sft; lm
     prompt: str = "auto"  # classify: "chat" template, "plain" prompt, or "auto" (chat if any)
     max_steps: int = 100
@@ -109,6 +111,8 @@ class TrainConfig:
             )
         if not 0 <= self.warmup < 1:
             raise ValueError(f"warmup is a fraction of max_steps in [0, 1), got {self.warmup}")
+        if self.init not in ("kaiming", "gaussian", "gradient_svd"):
+            raise ValueError(f"init must be kaiming, gaussian or gradient_svd, got {self.init!r}")
         if isinstance(self.targets, list):
             object.__setattr__(self, "targets", tuple(self.targets))
         if self.method != "full":
@@ -123,6 +127,7 @@ class TrainConfig:
             targets=self.targets,
             modules_to_save=modules_to_save,
             grad_correction=self.grad_correction,
+            init="gaussian" if self.init == "gaussian" else "kaiming",
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -398,6 +403,10 @@ def load_checkpoint(folder: Path, model, optimizer, scheduler, cfg: TrainConfig)
 # -- the loop -----------------------------------------------------------------------------------
 
 
+def _pad_id(tokenizer) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
 def peak_memory_mib() -> float:
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**20
@@ -505,6 +514,15 @@ def train(
     else:
         heads = tuple(h for h in HEADS if task == "seq-cls" and hasattr(model, h))
         inject(model, cfg.lora_config(modules_to_save=heads))
+    if cfg.init == "gradient_svd" and cfg.method != "full" and checkpoint is None:
+        from .methods.lors import gradient_svd_init
+
+        micro = cfg.micro_batch_size or cfg.batch_size
+        first = prep.train[: cfg.init_samples]
+        batches = [
+            collate(first[i : i + micro], _pad_id(tokenizer)) for i in range(0, len(first), micro)
+        ]
+        gradient_svd_init(model, lambda m, b: batch_loss(m, b) / n_targets(first), batches)
     params = [p for _, p in _trainable(model)]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
@@ -513,7 +531,7 @@ def train(
     out.mkdir(parents=True, exist_ok=True)
     metrics_file = out / "metrics.jsonl"
     rows = _read_metrics(metrics_file, up_to=step)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = _pad_id(tokenizer)
     micro = cfg.micro_batch_size or cfg.batch_size
     trainable, total = count_parameters(model)
     model.train()
