@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +23,7 @@ import torch
 from torch import nn
 
 from .config import LoRAConfig
+from .fileio import atomic_write
 from .inject import (
     active_adapter,
     adapted_layers,
@@ -44,18 +44,6 @@ _KEY = re.compile(
     r"^(?:base_model\.model\.)?(?P<path>.+?)\."
     r"(?:(?P<lin>lora_[AB])(?:\.[^.]+)?\.weight|(?P<emb>lora_embedding_[AB])(?:\.[^.]+)?)$"
 )
-
-
-def _atomic_write(path: Path, write) -> None:
-    """Write via a temp file in the same folder and ``os.replace``: never a half-written file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _peft_key(path: str, layer: AdaptedLayer, which: str) -> str:
@@ -157,9 +145,9 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, name: str | None = N
 
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
-    _atomic_write(out / WEIGHTS_NAME, lambda f: save_file(tensors, f, metadata=metadata))
+    atomic_write(out / WEIGHTS_NAME, lambda f: save_file(tensors, f, metadata=metadata))
     text = json.dumps(config, indent=2, sort_keys=True) + "\n"
-    _atomic_write(out / CONFIG_NAME, lambda f: Path(f).write_text(text))
+    atomic_write(out / CONFIG_NAME, lambda f: Path(f).write_text(text))
     return out
 
 

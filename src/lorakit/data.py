@@ -38,11 +38,13 @@ import sys
 import tarfile
 import tempfile
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from .fileio import atomic_write
 
 Record = dict[str, Any]
 
@@ -575,19 +577,6 @@ def _data_cache() -> Path:
     return cache_dir() / "data"
 
 
-def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
-    """Write through a temp file in the same folder and ``os.replace``: never a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as f:
@@ -669,7 +658,7 @@ def _rotten_tomatoes() -> list[Record]:
     records = _parse_vader_sdist(_vader_sdist())
     payload = {"source": _VADER_PIN, "records": [[r["text"], r["label"]] for r in records]}
     text = json.dumps(payload, ensure_ascii=False, separators=(",", ":"))
-    _atomic_write(cache, lambda f: Path(f).write_text(text, encoding="utf-8"))
+    atomic_write(cache, lambda f: Path(f).write_text(text, encoding="utf-8"))
     return records
 
 

@@ -27,7 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-IGNORE = -100
+from .data import IGNORE_INDEX as IGNORE
+
 # Model types whose norms, MLP and LM head are exactly what the replacements compute (Gemma's
 # (1 + w) RMSNorm and soft-capped / scaled logits are not).
 SUPPORTED = {"llama", "mistral", "qwen2", "qwen3", "gpt2"}
