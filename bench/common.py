@@ -54,6 +54,7 @@ class Peer:
     timed: bool = True
     saved_bytes: int = 0
     times: list[float] = field(default_factory=list)
+    losses: list[float] = field(default_factory=list)  # every step's loss, in order
     optimizer: torch.optim.Optimizer | None = None
 
     def __post_init__(self) -> None:
@@ -84,6 +85,7 @@ def step(peer: Peer, loss_fn: Callable[[], torch.Tensor], count: bool = False) -
     else:
         loss = loss_fn()
     loss.backward()
+    peer.losses.append(float(loss.detach()))
     peer.optimizer.step()
     peer.optimizer.zero_grad(set_to_none=True)
     if device.type == "cuda":
