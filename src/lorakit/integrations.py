@@ -14,11 +14,15 @@ write each checkpoint's adapter in PEFT's format::
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .adapters import save_adapter
 
+if TYPE_CHECKING:
+    from transformers import TrainerCallback
 
-def save_adapter_callback(name: str | None = None):
+
+def save_adapter_callback(name: str | None = None) -> TrainerCallback:
     """A ``TrainerCallback`` writing ``checkpoint-<step>/adapter`` whenever Trainer saves."""
     from transformers import TrainerCallback
 

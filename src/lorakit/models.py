@@ -15,9 +15,12 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 SMOLLM2 = "smollm2-135m"
 MINILM = "minilm"
@@ -97,7 +100,7 @@ def load_model(
     task: str = "causal-lm",
     dtype: torch.dtype = torch.float32,
     **kwargs: Any,
-):
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a model and its tokenizer.
 
     Args:

@@ -17,9 +17,10 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch import nn
@@ -36,6 +37,9 @@ from .evaluate import (
     token_losses,
 )
 from .inject import count_parameters, inject
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 Task = Literal["auto", "lm", "classify", "sft", "seq-cls"]
 # Classification heads that a sequence-classification model trains fully next to the adapter.
@@ -119,6 +123,7 @@ class TrainConfig:
             self.lora_config()  # validate rank/alpha/targets early
 
     def lora_config(self, modules_to_save: tuple[str, ...] = ()) -> LoRAConfig:
+        """The adapter config this run injects (``modules_to_save`` e.g. a new classifier)."""
         return LoRAConfig(
             method=self.method,
             rank=self.rank,
@@ -140,7 +145,7 @@ class TrainConfig:
 
 
 def classification_prompt(
-    tokenizer, label_names: list[str], style: str = "auto"
+    tokenizer: PreTrainedTokenizerBase, label_names: list[str], style: str = "auto"
 ) -> tuple[str, list[str]]:
     """A prompt template with a ``{text}`` slot and the label words that answer it.
 
@@ -290,7 +295,8 @@ def n_targets(examples: list[dict[str, Any]]) -> int:
 # -- optimisation -------------------------------------------------------------------------------
 
 
-def lr_lambda(cfg: TrainConfig):
+def lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:
+    """Learning-rate multiplier per step: linear warmup, then cosine / linear decay or constant."""
     warm = int(cfg.warmup * cfg.max_steps)
 
     def f(step: int) -> float:
