@@ -189,19 +189,28 @@ def test_nan_loss_stops_and_keeps_checkpoint(tiny, data_file, tmp_path, monkeypa
 
 
 def test_interrupted_save_keeps_previous_checkpoint(tiny, data_file, tmp_path, monkeypatch):
-    out = tmp_path / "run"
-    train(_cfg(tiny, data_file, out, max_steps=2))
-    before = (out / "checkpoint" / "trainer_state.safetensors").read_bytes()
+    """The step-4 checkpoint save dies half-way: the step-2 checkpoint stays whole and loadable."""
     import safetensors.torch
 
-    def boom(*a, **k):
-        raise OSError("disk full")
+    out = tmp_path / "run"
+    real, calls = safetensors.torch.save_file, {"n": 0}
 
-    monkeypatch.setattr(safetensors.torch, "save_file", boom)
+    def flaky(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 4:  # 2 files per checkpoint: the 2nd checkpoint's second file
+            raise OSError("disk full")
+        return real(*a, **k)
+
+    monkeypatch.setattr(safetensors.torch, "save_file", flaky)
     with pytest.raises(OSError, match="disk full"):
-        train(_cfg(tiny, data_file, out, max_steps=4), overwrite=True)
-    assert (out / "checkpoint" / "trainer_state.safetensors").read_bytes() == before
+        train(_cfg(tiny, data_file, out, max_steps=6, save_every=2))
+    state = json.loads((out / "checkpoint" / "trainer_state.json").read_text())
+    assert state["step"] == 2
+    load_file(out / "checkpoint" / "trainer_state.safetensors")
+    load_file(out / "checkpoint" / "adapter" / "adapter_model.safetensors")
     assert not [p for p in out.iterdir() if p.name.startswith(".checkpoint-")]
+    monkeypatch.setattr(safetensors.torch, "save_file", real)
+    train(_cfg(tiny, data_file, out, max_steps=6, save_every=2), resume=True)
 
 
 def test_full_finetuning_baseline(tiny, data_file, tmp_path):
@@ -263,7 +272,9 @@ def test_seq_cls_resume_restores_head(tiny_bert, data_file, tmp_path, monkeypatc
 
 
 def test_gradient_svd_init_in_training(tiny, data_file, tmp_path):
-    summary = train(_cfg(tiny, data_file, tmp_path / "g", init="gradient_svd", init_samples=8, max_steps=2))
+    summary = train(
+        _cfg(tiny, data_file, tmp_path / "g", init="gradient_svd", init_samples=8, max_steps=2)
+    )
     assert summary["summary"]["steps"] == 2
     with pytest.raises(ValueError, match=r"init must be kaiming, gaussian or gradient_svd"):
         _cfg(tiny, data_file, tmp_path, init="orthogonal")

@@ -492,7 +492,9 @@ def train(
         raise FileExistsError(
             f"{out} already holds a checkpoint; pass --resume to continue or --overwrite to start over"
         )
-    if not resume:
+    if not resume:  # starting over: an older run's checkpoint must not be resumed by mistake
+        for name in ("checkpoint", "checkpoint.old"):
+            shutil.rmtree(out / name, ignore_errors=True)
         checkpoint = None
         (out / "metrics.jsonl").unlink(missing_ok=True)
     torch.manual_seed(cfg.seed)
