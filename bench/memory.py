@@ -9,7 +9,7 @@ measured at seq 512 in fp32; other settings report memory only (a bf16 step of t
 ~90 s on the 2-core CPU here). A single LLaMA-7B-shaped decoder block (d=4096, d_ff=11008) shows
 the scaling the LoRA-FA paper targets.
 
-    .venv/bin/python bench/memory.py          # SEQS=512,1024,2048 STEPS=3 to change
+    .venv/bin/python bench/memory.py          # SEQS=512,1024 STEPS=3 to change (2048: see below)
 """
 
 from __future__ import annotations
@@ -226,12 +226,15 @@ def plot(lines: list[str], file: Path) -> None:
 
 
 def main() -> None:
-    seqs = [int(s) for s in os.environ.get("SEQS", "512,1024,2048").split(",")]
+    seqs = [int(s) for s in os.environ.get("SEQS", "512,1024").split(",")]
     steps = int(os.environ.get("STEPS", 3))
     agreement: list[str] = []
     lines = smollm2_tables(seqs, steps, agreement)
-    parts = breakdown_table()
-    block = block_table()
+    # The per-category breakdown and the 7B-shaped block: EXTRA=1 (the breakdown ran the
+    # 2-core/24 GiB machine out of memory on the PEFT row in the last session; under investigation).
+    extra = os.environ.get("EXTRA", "0") == "1"
+    parts = breakdown_table() if extra else ["(not run: EXTRA=1 enables it)"]
+    block = block_table() if extra else ["| (not run: EXTRA=1 enables it) | | |"]
     text = "\n".join(
         [
             "# Training memory: LoRA, LoRA-FA, full fine-tuning — lorakit vs PEFT",
