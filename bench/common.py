@@ -56,15 +56,14 @@ class Peer:
     times: list[float] = field(default_factory=list)
     losses: list[float] = field(default_factory=list)  # every step's loss, in order
     optimizer: torch.optim.Optimizer | None = None
+    static: tuple[int, ...] = ()  # bytes a bench attributes to weights, grads, optimizer states
+    trainable_count: int = 0
 
     def __post_init__(self) -> None:
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=1e-4)
         self.model.train()
-
-    @property
-    def trainable(self) -> int:
-        return lk.count_parameters(self.model)[0]
+        self.trainable_count = lk.count_parameters(self.model)[0]
 
     @property
     def median(self) -> float:

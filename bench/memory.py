@@ -1,7 +1,9 @@
 """Training memory of LoRA, LoRA-FA and full fine-tuning, lorakit vs PEFT, on the real SmolLM2-135M.
 
 Rows: full fine-tuning, PEFT LoRA, PEFT LoRA-FA (`create_lorafa_optimizer`: A frozen, B trained),
-lorakit LoRA and LoRA-FA, each with and without `reduce_activation_memory`. r=16, alpha=32, all 7
+lorakit LoRA and LoRA-FA, each with and without `reduce_activation_memory` (its defaults; the MLP
+recomputes gate/up in backward), plus LoRA-FA + reduce with `mlp="elementwise"` (no GEMM
+recomputed) and with HF activation checkpointing on top. r=16, alpha=32, all 7
 projections, batch 1. Saved = unique storages autograd keeps for backward, parameters/buffers
 excluded. Total = weights + trainable params' grads + AdamW states (2 per trainable) + saved.
 Step time (forward + backward + AdamW, median of timed steps after one warm-up, round-robin) is
@@ -9,13 +11,15 @@ measured at seq 512 in fp32; other settings report memory only (a bf16 step of t
 ~90 s on the 2-core CPU here). A single LLaMA-7B-shaped decoder block (d=4096, d_ff=11008) shows
 the scaling the LoRA-FA paper targets.
 
-    .venv/bin/python bench/memory.py          # SEQS=512,1024 STEPS=3 to change (2048: see below)
+    .venv/bin/python bench/memory.py      # SEQS=512,1024,2048 BF16_SEQS=512 STEPS=3 to change
 """
 
 from __future__ import annotations
 
+import gc
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -27,27 +31,50 @@ import lorakit as lk  # noqa: E402
 from lorakit.profile import MiB, count_saved  # noqa: E402
 
 
-def build_rows(base: torch.nn.Module) -> dict[str, torch.nn.Module]:
+def row_builders(base: torch.nn.Module) -> dict[str, Callable[[], torch.nn.Module]]:
+    """Each row's model, built on demand (memory-only settings hold one model at a time)."""
     from peft import LoraConfig, get_peft_model
 
     peft_cfg = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=PROJECTIONS)
-    rows: dict[str, torch.nn.Module] = {}
-    full = fresh(base)
-    full.requires_grad_(True)
-    rows["full fine-tuning"] = full
-    rows["PEFT LoRA"] = get_peft_model(fresh(base), peft_cfg)
-    fa = get_peft_model(fresh(base), peft_cfg)
-    for n, p in fa.named_parameters():  # what create_lorafa_optimizer does to the model
-        if "lora_A" in n:
-            p.requires_grad_(False)
-    rows["PEFT LoRA-FA"] = fa
+
+    def full():
+        model = fresh(base)
+        return model.requires_grad_(True)
+
+    def peft_fa():
+        model = get_peft_model(fresh(base), peft_cfg)
+        for n, p in model.named_parameters():  # what create_lorafa_optimizer does to the model
+            if "lora_A" in n:
+                p.requires_grad_(False)
+        return model
+
+    def ours(method, **reduce):
+        def build():
+            cfg = lk.LoRAConfig(method=method, rank=16, alpha=32, targets=PROJECTIONS)
+            torch.manual_seed(0)  # identical adapters with and without reduce: losses must agree
+            model = lk.inject(fresh(base), cfg)
+            return lk.reduce_activation_memory(model, **reduce) if reduce else model
+
+        return build
+
+    rows = {
+        "full fine-tuning": full,
+        "PEFT LoRA": lambda: get_peft_model(fresh(base), peft_cfg),
+        "PEFT LoRA-FA": peft_fa,
+    }
     for method, label in (("lora", "LoRA"), ("lora_fa", "LoRA-FA")):
-        cfg = lk.LoRAConfig(method=method, rank=16, alpha=32, targets=PROJECTIONS)
-        torch.manual_seed(0)  # identical adapters with and without reduce: losses must agree
-        rows[f"lorakit {label}"] = lk.inject(fresh(base), cfg)
-        torch.manual_seed(0)
-        rows[f"lorakit {label} + reduce"] = lk.reduce_activation_memory(lk.inject(fresh(base), cfg))
+        rows[f"lorakit {label}"] = ours(method)
+        rows[f"lorakit {label} + reduce"] = ours(method, mlp="recompute")
+    rows["lorakit LoRA-FA + reduce (mlp=elementwise)"] = ours("lora_fa", mlp="elementwise")
+    rows["lorakit LoRA-FA + reduce + checkpointing"] = ours("lora_fa", checkpointing=True)
     return rows
+
+
+def make_peer(name: str, model: torch.nn.Module, timed: bool) -> Peer:
+    peer = Peer(name, model, timed=timed)
+    if name == "PEFT LoRA-FA":
+        peer.optimizer = lorafa_optimizer(model)
+    return peer
 
 
 def loss_agreement(peers) -> list[str]:
@@ -77,55 +104,60 @@ def lorafa_optimizer(model, lr=1e-4):
     return create_lorafa_optimizer(model=model, r=16, lora_alpha=32, lr=lr)
 
 
-def smollm2_tables(seqs: list[int], steps: int, agreement: list[str]) -> list[str]:
+def smollm2_tables(
+    settings: list[tuple[torch.dtype, int]], steps: int, agreement: list[str]
+) -> list[str]:
     lines = []
-    for dtype in (torch.float32, torch.bfloat16):
+    for dtype in dict.fromkeys(d for d, _ in settings):
         dname = str(dtype).removeprefix("torch.")
         base = smollm2(dtype)
-        rows = build_rows(base)
-        for seq in seqs if dtype == torch.float32 else seqs[:1]:
+        builders = row_builders(base)
+        for seq in [s for d, s in settings if d == dtype]:
             ids = torch.randint(0, 49152, (1, seq), generator=torch.Generator().manual_seed(0))
             timed = dtype == torch.float32 and seq == 512
             print(f"== {dname} seq {seq}", flush=True)
-            peers = []
-            for name, model in rows.items():
-                peer = Peer(name, model, timed=timed)
-                if name == "PEFT LoRA-FA":
-                    peer.optimizer = lorafa_optimizer(model)
-                peers.append(peer)
-            if timed:
+            if timed:  # round-robin timing needs every row alive at once
+                peers = [make_peer(n, b(), True) for n, b in builders.items()]
                 run_interleaved(peers, ids, steps=steps)
                 agreement.extend(f"{dname} seq {seq}: {line[2:]}" for line in loss_agreement(peers))
-            else:
-                for p in peers:
-                    p.model.train()
+            else:  # memory only: one model at a time, freed before the next
+                peers = []
+                for name, build in builders.items():
+                    p = make_peer(name, build(), False)
                     loss, p.saved_bytes = count_saved(
                         p.model, lambda m=p.model, x=ids: m(input_ids=x, labels=x).loss
                     )
                     del loss
+                    p.static = static_bytes(p.model)
+                    p.model = p.optimizer = None
+                    gc.collect()
+                    peers.append(p)
                     print(f"  {p.name}: {p.saved_bytes / MiB:.1f} MiB", flush=True)
-            ref = next(p for p in peers if p.name == "PEFT LoRA")
-            ref_total = sum(static_bytes(ref.model)) + ref.saved_bytes
             for p in peers:
-                w, opt = static_bytes(p.model)
-                total = w + opt + p.saved_bytes
+                if p.model is not None:
+                    p.static = static_bytes(p.model)
+            ref = next(p for p in peers if p.name == "PEFT LoRA")
+            ref_total = sum(ref.static) + ref.saved_bytes
+            for p in peers:
+                total = sum(p.static) + p.saved_bytes
                 t = (
                     f"{p.median:.2f} | {p.median / ref.median:.2f}x"
                     if p.times and ref.times
                     else "- | -"
                 )
                 lines.append(
-                    f"| {dname} | {seq} | {p.name} | {p.trainable:,} | {p.saved_bytes / MiB:.1f} | "
+                    f"| {dname} | {seq} | {p.name} | {p.trainable_count:,} | {p.saved_bytes / MiB:.1f} | "
                     f"{p.saved_bytes / ref.saved_bytes:.2f}x | {total / MiB:.0f} | {total / ref_total:.2f}x | {t} |"
                 )
-            for p in peers:
-                p.times.clear()
-        del rows, base
+            del peers
+            gc.collect()
+        del builders, base
+        gc.collect()
     return lines
 
 
 def breakdown_table(seq: int = 512) -> list[str]:
-    """Saved MiB by category for each row, fp32, seq 512 (forward only)."""
+    """Saved MiB by category for each row, fp32, seq 512 (forward only, one model at a time)."""
     from lorakit.profile import CATEGORIES, saved_breakdown
 
     base = smollm2(torch.float32)
@@ -134,10 +166,11 @@ def breakdown_table(seq: int = 512) -> list[str]:
         "| row | " + " | ".join(CATEGORIES) + " | total |",
         "|---|" + "---:|" * (len(CATEGORIES) + 1),
     ]
-    for name, model in build_rows(base).items():
-        model.train()
+    for name, build in row_builders(base).items():
+        model = build().train()
         loss, parts = saved_breakdown(model, lambda m=model: m(input_ids=ids, labels=ids).loss)
-        del loss
+        del loss, model
+        gc.collect()
         cells = " | ".join(f"{parts[c] / MiB:.1f}" for c in CATEGORIES)
         out.append(f"| {name} | {cells} | {sum(parts.values()) / MiB:.1f} |")
         print(out[-1], flush=True)
@@ -184,12 +217,14 @@ def block_table(seq: int = 512) -> list[str]:
         )
         rows.append((f"lorakit {label}", run(m)))
         # reduce_activation_memory's block-level parts: RMSNorm and SiLU·up recompute.
-        from lorakit.memory import RMSNorm, _gated_mlp_forward
+        from lorakit.memory import RMSNorm, _gated_mlp_recompute_forward
 
         m.input_layernorm = RMSNorm(m.input_layernorm)
         m.post_attention_layernorm = RMSNorm(m.post_attention_layernorm)
-        m.mlp.forward = _gated_mlp_forward.__get__(m.mlp)
-        rows.append((f"lorakit {label} + reduce (norms, MLP)", run(m)))
+        m.mlp.forward = _gated_mlp_recompute_forward.__get__(m.mlp)
+        rows.append((f"lorakit {label} + reduce (norms, MLP recompute)", run(m)))
+        del m
+        gc.collect()
     ref = rows[0][1]
     out = [f"| {name} | {b / MiB:.1f} | {b / ref:.2f}x |" for name, b in rows]
     n = seq
@@ -226,15 +261,14 @@ def plot(lines: list[str], file: Path) -> None:
 
 
 def main() -> None:
-    seqs = [int(s) for s in os.environ.get("SEQS", "512,1024").split(",")]
+    seqs = [int(s) for s in os.environ.get("SEQS", "512,1024,2048").split(",")]
+    bf16_seqs = [int(s) for s in os.environ.get("BF16_SEQS", "512").split(",")]
     steps = int(os.environ.get("STEPS", 3))
     agreement: list[str] = []
-    lines = smollm2_tables(seqs, steps, agreement)
-    # The per-category breakdown and the 7B-shaped block: EXTRA=1 (the breakdown ran the
-    # 2-core/24 GiB machine out of memory on the PEFT row in the last session; under investigation).
-    extra = os.environ.get("EXTRA", "0") == "1"
-    parts = breakdown_table() if extra else ["(not run: EXTRA=1 enables it)"]
-    block = block_table() if extra else ["| (not run: EXTRA=1 enables it) | | |"]
+    settings = [(torch.float32, s) for s in seqs] + [(torch.bfloat16, s) for s in bf16_seqs]
+    lines = smollm2_tables(settings, steps, agreement)
+    parts = breakdown_table()
+    block = block_table()
     text = "\n".join(
         [
             "# Training memory: LoRA, LoRA-FA, full fine-tuning — lorakit vs PEFT",

@@ -67,7 +67,7 @@ def main() -> None:
         for p in peers:
             timed = p.timed and p.times
             rows.append(
-                f"| {name} | {p.name} | {p.trainable:,} | {mib(p.saved_bytes)} | "
+                f"| {name} | {p.name} | {p.trainable_count:,} | {mib(p.saved_bytes)} | "
                 f"{p.saved_bytes / ref.saved_bytes:.2f}x | "
                 + (f"{p.median:.2f} | {p.median / ref.median:.2f}x |" if timed else "- | - |")
             )

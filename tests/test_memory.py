@@ -35,21 +35,31 @@ def _loss(model, ids):
     return model(input_ids=ids, labels=ids).loss
 
 
-@pytest.mark.parametrize("name", ["llama", "gpt2"])
-@pytest.mark.parametrize("method", ["lora", "lora_fa"])
-def test_same_loss_and_grads_fewer_bytes(name, method):
+CASES = [  # (model, method, mlp mode, adapter dropout); GPT-2 has no gated MLP to "elementwise"
+    *[(n, m, "recompute", 0.0) for n in ("llama", "gpt2") for m in ("lora", "lora_fa")],
+    *[("llama", m, "elementwise", 0.0) for m in ("lora", "lora_fa")],
+    ("llama", "lora_fa", "recompute", 0.1),  # dropout masks regenerated in the recompute
+    ("gpt2", "lora_fa", "recompute", 0.1),
+]
+
+
+@pytest.mark.parametrize(("name", "method", "mlp", "dropout"), CASES)
+def test_same_loss_and_grads_fewer_bytes(name, method, mlp, dropout):
     torch.manual_seed(0)
-    base = lk.inject(build(name), lk.LoRAConfig(method=method, rank=4))
+    cfg = lk.LoRAConfig(method=method, rank=4, dropout=dropout)
+    base = lk.inject(build(name), cfg)
     for m in base.modules():  # GPT-2's dropout would draw different masks in the two runs
         if isinstance(m, torch.nn.Dropout):
             m.p = 0.0
     for _, layer in lk.adapted_layers(base):
         torch.nn.init.normal_(layer.adapters["default"].lora_B, std=0.02)
-    reduced = lk.reduce_activation_memory(copy.deepcopy(base), chunk_size=7)
+    reduced = lk.reduce_activation_memory(copy.deepcopy(base), chunk_size=7, mlp=mlp)
     ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(1))
     base.train()
     reduced.train()
+    torch.manual_seed(2)  # the same adapter-dropout masks in both runs (and in the recompute)
     loss_a, saved_a = lk.count_saved(base, lambda: _loss(base, ids))
+    torch.manual_seed(2)
     loss_b, saved_b = lk.count_saved(reduced, lambda: _loss(reduced, ids))
     torch.testing.assert_close(loss_b, loss_a, rtol=0, atol=1e-5)
     loss_a.backward()
@@ -73,3 +83,26 @@ def test_logits_still_available_without_labels():
     model = lk.reduce_activation_memory(build("llama"))
     ids = torch.randint(0, 128, (1, 8))
     assert model(input_ids=ids).logits.shape == (1, 8, 128)
+
+
+def test_mlp_recompute_keeps_only_the_mlp_input():
+    """mlp="recompute" drops gate and up (2·N·d_ff fp32 values per layer) relative to
+    mlp="elementwise" and adds back nothing but the MLP input, which the adapters already keep."""
+    torch.manual_seed(0)
+    base = lk.inject(build("llama"), lk.LoRAConfig(method="lora_fa", rank=4))
+    ids = torch.randint(0, 128, (1, 16))
+    saved = {}
+    for mode in ("elementwise", "recompute"):
+        model = lk.reduce_activation_memory(copy.deepcopy(base), mlp=mode)
+        saved[mode] = lk.count_saved(model, lambda m=model: _loss(m, ids))[1]
+    cfg = base.config
+    layers, n, r = cfg.num_hidden_layers, 16, 4
+    gate_up = layers * 2 * n * cfg.intermediate_size * 4
+    adapter_h = layers * 2 * n * r * 4  # gate's and up's H = x Aᵀ, recomputed as well
+    mlp_in = layers * n * cfg.hidden_size * 4  # the post-attention norm's output
+    assert saved["elementwise"] - saved["recompute"] == gate_up + adapter_h - mlp_in
+
+
+def test_rejects_unknown_mlp_mode():
+    with pytest.raises(ValueError, match=r"mlp='fast': expected one of"):
+        lk.reduce_activation_memory(build("llama"), mlp="fast")
