@@ -83,8 +83,22 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, name: str | None = N
     Returns:
         The directory written.
     """
-    from safetensors.torch import save_file
+    return write_adapter(path, adapter_payload(model, name))
 
+
+def _whole(t: torch.Tensor) -> torch.Tensor:
+    from .distributed import full
+
+    return full(t.detach()).to("cpu").contiguous()
+
+
+def adapter_payload(
+    model: nn.Module, name: str | None = None
+) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, str]]:
+    """(tensors, PEFT config, safetensors metadata) of one adapter, tensors whole and on CPU.
+
+    Under FSDP every rank must call this (sharded tensors are gathered); one rank writes.
+    """
     name = name or active_adapter(model)
     layers = [(p, layer) for p, layer in adapted_layers(model) if name in layer.adapters]
     if name is None or not layers:
@@ -95,13 +109,12 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, name: str | None = N
         adapter = layer.adapters[name]
         configs[p] = adapter.config
         for which in ("A", "B"):
-            t = getattr(adapter, f"lora_{which}")
-            tensors[_peft_key(p, layer, which)] = t.detach().to("cpu").contiguous()
+            tensors[_peft_key(p, layer, which)] = _whole(getattr(adapter, f"lora_{which}"))
 
     first = next(iter(configs.values()))
     for mpath, module in modules_to_save(model, first.modules_to_save).items():
         for pname, t in module.named_parameters():
-            tensors[f"{PREFIX}{mpath}.{pname}"] = t.detach().to("cpu").contiguous()
+            tensors[f"{PREFIX}{mpath}.{pname}"] = _whole(t)
 
     # PEFT stores one r / alpha plus per-module exceptions (rank_pattern / alpha_pattern).
     ranks = Counter(c.rank for c in configs.values())
@@ -140,9 +153,18 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, name: str | None = N
         # pattern lets load_adapter refuse a differently pruned model.
         metadata["lorakit_sparse_grad"] = first.sparse_grad
         metadata["lorakit_masks"] = json.dumps(
-            {p: mask_fingerprint(layer.weight) for p, layer in layers}
+            {p: mask_fingerprint(_whole(layer.weight)) for p, layer in layers}
         )
+    return tensors, config, metadata
 
+
+def write_adapter(
+    path: str | os.PathLike, payload: tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, str]]
+) -> Path:
+    """Write an :func:`adapter_payload` as a PEFT adapter folder (files replaced atomically)."""
+    from safetensors.torch import save_file
+
+    tensors, config, metadata = payload
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write(out / WEIGHTS_NAME, lambda f: save_file(tensors, f, metadata=metadata))

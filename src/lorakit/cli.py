@@ -78,6 +78,11 @@ def _train_args(p: argparse.ArgumentParser) -> None:
         help="reduce_activation_memory: chunked loss, norm/MLP recompute, sdpa (causal LMs)",
     )
     p.add_argument(
+        "--checkpointing",
+        action="store_true",
+        help="activation checkpointing per transformer block (recompute each block in backward)",
+    )
+    p.add_argument(
         "--targets",
         type=_targets,
         default="all-linear",
@@ -133,6 +138,13 @@ def _train_args(p: argparse.ArgumentParser) -> None:
         "--overwrite", action="store_true", help="start afresh even if --output holds a checkpoint"
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--strategy",
+        default="ddp",
+        choices=["ddp", "fsdp"],
+        help="under torchrun: ddp (replicated base, adapter gradients all-reduced) or fsdp "
+        "(FSDP2, every transformer block sharded over the ranks)",
+    )
 
 
 def _train_config(a: argparse.Namespace):
@@ -141,13 +153,13 @@ def _train_config(a: argparse.Namespace):
     fields = {
         "model": a.model, "data": a.data, "val_data": a.val_data, "method": a.method,
         "rank": a.rank, "alpha": a.alpha, "dropout": a.dropout, "targets": a.targets,
-        "init": a.init, "grad_correction": a.grad_correction, "reduce_memory": a.reduce_memory,
+        "init": a.init, "grad_correction": a.grad_correction, "reduce_memory": a.reduce_memory, "checkpointing": a.checkpointing,
         "task": a.task, "prompt": a.prompt, "max_steps": a.max_steps, "batch_size": a.batch_size,
         "micro_batch_size": a.micro_batch_size, "lr": a.lr, "warmup": a.warmup,
         "schedule": a.schedule, "weight_decay": a.weight_decay, "max_grad_norm": a.max_grad_norm,
         "dtype": a.dtype, "seed": a.seed, "max_len": a.max_len, "eval_every": a.eval_every,
         "eval_examples": a.eval_examples, "save_every": a.save_every, "output": a.output,
-        "progress": not a.no_progress,
+        "progress": not a.no_progress, "strategy": a.strategy,
     }  # fmt: skip
     return TrainConfig(**fields)
 
@@ -160,11 +172,15 @@ def table(rows: list[tuple[str, str]], title: str = "") -> str:
 
 
 def cmd_train(a: argparse.Namespace) -> int:
+    from . import distributed
     from .train import train
 
-    result = train(_train_config(a), resume=a.resume, overwrite=a.overwrite)
-    s = result["summary"]
-    print(_summary_table(s))
+    try:
+        result = train(_train_config(a), resume=a.resume, overwrite=a.overwrite)
+    finally:
+        distributed.teardown(distributed.setup())
+    if os.environ.get("RANK", "0") == "0":
+        print(_summary_table(result["summary"]))
     return 0
 
 
@@ -396,7 +412,7 @@ def main(argv: list[str] | None = None) -> int:
     ) as e:
         print(f"lorakit {args.command}: error: {e}", file=sys.stderr)
         return 2
-    if args.command != "demo":
+    if args.command != "demo" and os.environ.get("RANK", "0") == "0":  # torchrun: rank 0 talks
         print(f"({time.perf_counter() - t0:.1f} s)", file=sys.stderr)
     return code
 

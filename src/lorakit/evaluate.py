@@ -37,7 +37,8 @@ def token_losses(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torc
     input ids themselves (the shift happens here).
     """
     ids, mask, labels = batch["input_ids"], batch.get("attention_mask"), batch["labels"]
-    if hasattr(model, "_lorakit_dense_forward"):  # reduce_activation_memory's chunked loss
+    inner = getattr(model, "module", model)  # under a DDP wrapper
+    if hasattr(inner, "_lorakit_dense_forward"):  # reduce_activation_memory's chunked loss
         kwargs = {} if mask is None else {"position_ids": (mask.cumsum(-1) - 1).clamp(min=0)}
         out = model(
             input_ids=ids, attention_mask=mask, labels=labels, num_items_in_batch=1, **kwargs
@@ -45,9 +46,9 @@ def token_losses(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torc
         return out.loss, int((labels[:, 1:] != IGNORE).sum())
     seq = ids.shape[1]
     has = (labels != IGNORE).any(0).nonzero()
-    if has.numel() == 0:
-        return ids.new_zeros((), dtype=torch.float32), 0
-    first = max(int(has.min()) - 1, 0)  # the logit at p predicts token p + 1
+    # The logit at p predicts token p + 1. Without any label the forward still runs (one
+    # position): distributed evaluation pads ranks with such rows and FSDP needs equal passes.
+    first = max(int(has.min()) - 1, 0) if has.numel() else seq - 1
     keep = seq - first
     logits = _forward_logits(model, ids, mask, keep)[:, :-1]  # (b, keep - 1, vocab)
     targets = labels[:, first + 1 :]  # (b, keep - 1)
@@ -61,18 +62,34 @@ def token_losses(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torc
 
 
 @torch.no_grad()
-def perplexity(model: nn.Module, blocks: torch.Tensor, batch_size: int = 4) -> float:
-    """Perplexity of ``model`` on token windows ``blocks`` (n, seq)."""
+def nll(
+    model: nn.Module, blocks: torch.Tensor, batch_size: int = 4, real: int | None = None
+) -> tuple[float, int]:
+    """Summed next-token negative log-likelihood of token windows ``blocks`` (n, seq), and the
+    number of predicted tokens; windows from index ``real`` on are run but not counted."""
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
+    labels = blocks.clone()
+    labels[len(blocks) if real is None else real :] = IGNORE
     for i in range(0, len(blocks), batch_size):
         ids = blocks[i : i + batch_size]
         loss, n = token_losses(
-            model, {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+            model,
+            {
+                "input_ids": ids,
+                "attention_mask": torch.ones_like(ids),
+                "labels": labels[i : i + batch_size],
+            },
         )
         total, count = total + float(loss), count + n
     model.train(was_training)
+    return total, count
+
+
+def perplexity(model: nn.Module, blocks: torch.Tensor, batch_size: int = 4) -> float:
+    """Perplexity of ``model`` on token windows ``blocks`` (n, seq)."""
+    total, count = nll(model, blocks, batch_size)
     return math.exp(total / max(count, 1))
 
 

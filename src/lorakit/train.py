@@ -25,15 +25,16 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 from torch import nn
 
-from .adapters import copy_adapter_weights, read_adapter, save_adapter
+from .adapters import copy_adapter_weights, read_adapter
 from .config import DTYPES, LoRAConfig
+from .distributed import SINGLE, Context
 from .evaluate import (
     IGNORE,
     accuracy,
     classify,
     label_token_ids,
     left_pad,
-    perplexity,
+    nll,
     token_losses,
 )
 from .inject import count_parameters, inject
@@ -45,7 +46,14 @@ Task = Literal["auto", "lm", "classify", "sft", "seq-cls"]
 # Classification heads that a sequence-classification model trains fully next to the adapter.
 HEADS = ("classifier", "score")
 # Fields that may change between a run and its resumption (they do not change the math).
-RESUMABLE_CHANGES = ("eval_every", "save_every", "eval_examples", "progress", "output")
+RESUMABLE_CHANGES = (
+    "eval_every",
+    "save_every",
+    "eval_examples",
+    "progress",
+    "output",
+    "strategy",  # DDP and FSDP compute the same thing; so does any world size dividing the batch
+)
 
 
 @dataclass(frozen=True)
@@ -62,6 +70,7 @@ class TrainConfig:
     targets: str | tuple[str, ...] = "all-linear"
     grad_correction: bool = False  # lora_fa: LoRA-FA v2 gradient correction
     reduce_memory: bool = False  # apply reduce_activation_memory (causal LMs)
+    checkpointing: bool = False  # activation checkpointing per transformer block (HF models)
     init: str = "kaiming"  # A's init: "kaiming" | "gaussian" | "gradient_svd" (LoRS / LoRA-GA)
     init_samples: int = 128  # training examples whose mean gradient gradient_svd uses
     task: Task = "auto"  # auto: labels -> classify (causal LM) / seq-cls (encoder); sft; lm
@@ -82,6 +91,7 @@ class TrainConfig:
     save_every: int = 50  # checkpoint interval in steps (0: only at the end)
     output: str = "runs/lorakit"
     progress: bool = True
+    strategy: str = "ddp"  # under torchrun: "ddp" | "fsdp" (ignored in a single process)
 
     def __post_init__(self) -> None:
         if self.method not in ("lora", "lora_fa", "lors", "full"):
@@ -115,6 +125,8 @@ class TrainConfig:
             )
         if not 0 <= self.warmup < 1:
             raise ValueError(f"warmup is a fraction of max_steps in [0, 1), got {self.warmup}")
+        if self.strategy not in ("ddp", "fsdp"):
+            raise ValueError(f"strategy must be ddp or fsdp, got {self.strategy!r}")
         if self.init not in ("kaiming", "gaussian", "gradient_svd"):
             raise ValueError(f"init must be kaiming, gaussian or gradient_svd, got {self.init!r}")
         if isinstance(self.targets, list):
@@ -319,30 +331,46 @@ def _trainable(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
     return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
 
 
-def save_checkpoint(folder: Path, model, optimizer, scheduler, cfg: TrainConfig, step: int) -> None:
-    """Write a checkpoint to ``folder`` atomically (temp folder, then renames)."""
+def save_checkpoint(
+    folder: Path, model, optimizer, scheduler, cfg: TrainConfig, step: int, ctx: Context = SINGLE
+) -> None:
+    """Write a checkpoint to ``folder`` atomically (temp folder, then renames).
+
+    Distributed: every rank calls this (sharded tensors are gathered whole, every rank's RNG
+    state is collected); rank 0 alone writes.
+    """
     from safetensors.torch import save_file
 
+    from .adapters import adapter_payload, write_adapter
+    from .distributed import all_gather, full
+
+    if cfg.method == "full":
+        weights = {n: full(p.detach()).cpu().contiguous() for n, p in _trainable(model)}
+    else:
+        adapter = adapter_payload(model)
+    state = optimizer.state_dict()
+    tensors = {}
+    for idx, st in state["state"].items():
+        for k, v in st.items():
+            v = full(v.detach()).cpu().contiguous() if torch.is_tensor(v) else torch.tensor(v)
+            tensors[f"optim.{idx}.{k}"] = v
+    rngs = all_gather(torch.get_rng_state(), ctx)
+    if not ctx.is_main:
+        return
+    tensors["rng.torch"] = rngs[0]
+    for r, rng in enumerate(rngs[1:], start=1):
+        tensors[f"rng.torch.rank{r}"] = rng
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}-"))
     try:
         if cfg.method == "full":
-            save_file(
-                {n: p.detach().contiguous() for n, p in _trainable(model)},
-                tmp / "weights.safetensors",
-            )
+            save_file(weights, tmp / "weights.safetensors")
         else:
-            save_adapter(model, tmp / "adapter")
-        state = optimizer.state_dict()
-        tensors = {"rng.torch": torch.get_rng_state()}
-        for idx, st in state["state"].items():
-            for k, v in st.items():
-                tensors[f"optim.{idx}.{k}"] = (
-                    v.detach().contiguous() if torch.is_tensor(v) else torch.tensor(v)
-                )
+            write_adapter(tmp / "adapter", adapter)
         save_file(tensors, tmp / "trainer_state.safetensors")
         meta = {
             "step": step,
+            "world_size": ctx.world,
             "config": cfg.to_dict(),
             "param_groups": state["param_groups"],
             "scheduler": {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"},
@@ -378,12 +406,12 @@ def check_resumable(saved: dict[str, Any], cfg: TrainConfig) -> None:
         )
 
 
-def load_checkpoint(folder: Path, model, optimizer, scheduler, cfg: TrainConfig) -> int:
+def load_weights(folder: Path, model, cfg: TrainConfig) -> dict[str, Any]:
+    """Check the checkpoint's config and copy its trained weights into the (unwrapped) model."""
     from safetensors.torch import load_file
 
     meta = json.loads((folder / "trainer_state.json").read_text())
     check_resumable(meta["config"], cfg)
-    tensors = load_file(folder / "trainer_state.safetensors")
     with torch.no_grad():
         if cfg.method == "full":
             weights = load_file(folder / "weights.safetensors")
@@ -395,15 +423,43 @@ def load_checkpoint(folder: Path, model, optimizer, scheduler, cfg: TrainConfig)
             params = dict(model.named_parameters(remove_duplicate=False))
             for key, t in saved.saved_params.items():  # modules_to_save (e.g. a classifier head)
                 params[key].copy_(t)
+    return meta
+
+
+def load_trainer_state(
+    folder: Path,
+    meta: dict[str, Any],
+    optimizer,
+    scheduler,
+    cfg: TrainConfig,
+    ctx: Context = SINGLE,
+) -> int:
+    """Optimizer, scheduler and RNG state (after the model is wrapped); returns the step.
+
+    Optimizer states are stored whole and re-sharded like their parameters, so a run may resume
+    with another world size. Each rank restores its own RNG state when the world size is the
+    one saved; otherwise rank r reseeds with (seed, r, step): only dropout masks differ.
+    """
+    from safetensors.torch import load_file
+
+    from .distributed import like
+
+    tensors = load_file(folder / "trainer_state.safetensors")
+    params = [p for group in optimizer.param_groups for p in group["params"]]
     state: dict[str, Any] = {"state": {}, "param_groups": meta["param_groups"]}
     for key, v in tensors.items():
         if key.startswith("optim."):
             _, idx, k = key.split(".", 2)
-            state["state"].setdefault(int(idx), {})[k] = v
+            state["state"].setdefault(int(idx), {})[k] = like(v, params[int(idx)])
     optimizer.load_state_dict(state)
     scheduler.load_state_dict({**meta["scheduler"], "lr_lambdas": [None]})
-    torch.set_rng_state(tensors["rng.torch"])
-    return int(meta["step"])
+    step = int(meta["step"])
+    key = "rng.torch" if ctx.rank == 0 else f"rng.torch.rank{ctx.rank}"
+    if meta.get("world_size", 1) == ctx.world and key in tensors:
+        torch.set_rng_state(tensors[key])
+    else:
+        torch.manual_seed(cfg.seed * 1_000_003 + ctx.rank * 7_919 + step)
+    return step
 
 
 # -- the loop -----------------------------------------------------------------------------------
@@ -422,25 +478,41 @@ def peak_memory_mib() -> float:
 
 
 def evaluate(
-    model, tokenizer, prep: Prepared, cfg: TrainConfig, split_records=None
+    model, tokenizer, prep: Prepared, cfg: TrainConfig, split_records=None, ctx: Context = SINGLE
 ) -> dict[str, float]:
+    """Validation metrics. Distributed: each rank evaluates a strided share (padded so every rank
+    runs the same forward passes) and the results are combined; every rank gets the metrics."""
+    from .distributed import all_gather, all_sum, interleave, split_evenly
+
     records = split_records if split_records is not None else prep.val_records
     if cfg.eval_examples:
         records = records[: cfg.eval_examples]
+
+    def predictions(fn) -> list[int]:
+        mine, real = split_evenly(records, ctx)
+        preds = fn(mine)[:real] if mine else []
+        return interleave(all_gather(preds, ctx), len(records))
+
+    labels = [r["label"] for r in records] if records and "label" in records[0] else []
     if prep.task == "seq-cls" and records:
-        return {
-            "accuracy": accuracy(
-                predict_classes(model, tokenizer, records, cfg.max_len),
-                [r["label"] for r in records],
-            )
-        }
+        preds = predictions(lambda rs: predict_classes(model, tokenizer, rs, cfg.max_len))
+        return {"accuracy": accuracy(preds, labels)}
     if prep.task == "classify" and records:
-        prompts = [prep.template.replace("{text}", r["text"]) for r in records]
-        preds = classify(model, tokenizer, prompts, prep.label_words)
-        return {"accuracy": accuracy(preds, [r["label"] for r in records])}
+        preds = predictions(
+            lambda rs: classify(
+                model,
+                tokenizer,
+                [prep.template.replace("{text}", r["text"]) for r in rs],
+                prep.label_words,
+            )
+        )
+        return {"accuracy": accuracy(preds, labels)}
     if prep.task == "lm" and prep.val_blocks is not None and split_records is None:
-        blocks = prep.val_blocks[: cfg.eval_examples or None]
-        return {"perplexity": perplexity(model, blocks)}
+        blocks = list(prep.val_blocks[: cfg.eval_examples or None])
+        mine, real = split_evenly(blocks, ctx)
+        total, count = nll(model, torch.stack(mine), real=real) if mine else (0.0, 0)
+        total, count = all_sum([total, count], ctx)
+        return {"perplexity": math.exp(total / max(count, 1))}
     return {}
 
 
@@ -482,8 +554,12 @@ def train(
     """
     from tqdm.auto import tqdm
 
+    from . import distributed as dist
     from .models import load_model
 
+    ctx = dist.setup()
+    if ctx.enabled:
+        dist.check_batch(cfg.batch_size, cfg.micro_batch_size, ctx.world)
     out = Path(cfg.output)
     checkpoint = find_checkpoint(out)
     if resume and checkpoint is None:
@@ -493,10 +569,12 @@ def train(
             f"{out} already holds a checkpoint; pass --resume to continue or --overwrite to start over"
         )
     if not resume:  # starting over: an older run's checkpoint must not be resumed by mistake
-        for name in ("checkpoint", "checkpoint.old"):
-            shutil.rmtree(out / name, ignore_errors=True)
+        dist.barrier(ctx)  # every rank has looked for a checkpoint before rank 0 removes it
+        if ctx.is_main:
+            for name in ("checkpoint", "checkpoint.old"):
+                shutil.rmtree(out / name, ignore_errors=True)
+            (out / "metrics.jsonl").unlink(missing_ok=True)
         checkpoint = None
-        (out / "metrics.jsonl").unlink(missing_ok=True)
     torch.manual_seed(cfg.seed)
     train_records, val_records = load_splits(cfg)
     task = resolve_task(cfg, train_records[0])
@@ -515,7 +593,11 @@ def train(
     if cfg.reduce_memory:
         from .memory import reduce_activation_memory
 
-        reduce_activation_memory(model)
+        reduce_activation_memory(model, checkpointing=cfg.checkpointing)
+    elif cfg.checkpointing:
+        from .memory import enable_checkpointing
+
+        enable_checkpointing(model)
     if cfg.method == "full":
         for p in model.parameters():
             p.requires_grad_(True)
@@ -531,36 +613,55 @@ def train(
             collate(first[i : i + micro], _pad_id(tokenizer)) for i in range(0, len(first), micro)
         ]
         gradient_svd_init(model, lambda m, b: batch_loss(m, b) / n_targets(first), batches)
+    meta = load_weights(checkpoint, model, cfg) if checkpoint else None
+    trainable, total = count_parameters(model)
+    base_model = model
+    if ctx.enabled:
+        model = dist.wrap(model, cfg.strategy, ctx)  # after loading: FSDP shards in place
+        torch.manual_seed(cfg.seed + ctx.rank)  # per-rank dropout masks
     params = [p for _, p in _trainable(model)]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
-    step = load_checkpoint(checkpoint, model, optimizer, scheduler, cfg) if checkpoint else 0
+    step = 0
+    if checkpoint:
+        step = load_trainer_state(checkpoint, meta, optimizer, scheduler, cfg, ctx)
 
-    out.mkdir(parents=True, exist_ok=True)
+    main = ctx.is_main
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
     metrics_file = out / "metrics.jsonl"
-    rows = _read_metrics(metrics_file, up_to=step)
+    rows = _read_metrics(metrics_file, up_to=step) if main else []
     pad = _pad_id(tokenizer)
-    micro = cfg.micro_batch_size or cfg.batch_size
-    trainable, total = count_parameters(model)
+    per_rank = cfg.batch_size // ctx.world
+    micro = cfg.micro_batch_size or per_rank
     model.train()
     t_start, tokens_seen = time.perf_counter(), 0
     bar = tqdm(
-        total=cfg.max_steps, initial=step, disable=not cfg.progress, desc=f"{cfg.method} train"
+        total=cfg.max_steps,
+        initial=step,
+        disable=not (cfg.progress and main),
+        desc=f"{cfg.method} train",
     )
     while step < cfg.max_steps:
         t0 = time.perf_counter()
         idx = batch_indices(step, cfg.batch_size, len(prep.train), cfg.seed)
         batch = [prep.train[i] for i in idx]
-        count = n_targets(batch)
-        loss_sum = 0.0
-        for j in range(0, len(batch), micro):
-            mb = collate(batch[j : j + micro], pad)
-            loss = batch_loss(model, mb)
-            (loss / max(count, 1)).backward()
+        count = n_targets(batch)  # of the global batch: every rank divides by the same number
+        mine = dist.shard(batch, ctx)
+        loss_sum, tokens = 0.0, 0
+        for j in range(0, len(mine), micro):
+            mb = collate(mine[j : j + micro], pad)
+            with dist.no_sync(model, skip=j + micro < len(mine)):
+                loss = batch_loss(model, mb)
+                # x world: DDP / FSDP average the ranks' gradients, the global loss is their sum.
+                (loss * ctx.world / max(count, 1)).backward()
             loss_sum += loss.detach().item()
-            tokens_seen += int(mb["attention_mask"].sum())
+            tokens += int(mb["attention_mask"].sum())
+        loss_sum, tokens = dist.all_sum([loss_sum, tokens], ctx)
+        tokens_seen += int(tokens)
         loss_value = loss_sum / max(count, 1)
         norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or float("inf"))
+        norm = dist.full(norm)
         if not math.isfinite(loss_value) or not torch.isfinite(norm):
             optimizer.zero_grad(set_to_none=True)
             last = find_checkpoint(out)
@@ -590,9 +691,11 @@ def train(
             "tok_per_s": sum(len(e["input_ids"]) for e in batch) / dt,
         }
         if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.max_steps:
-            row.update({f"val_{k}": v for k, v in evaluate(model, tokenizer, prep, cfg).items()})
+            metrics = evaluate(dist.unwrap(model), tokenizer, prep, cfg, ctx=ctx)
+            row.update({f"val_{k}": v for k, v in metrics.items()})
         rows.append(row)
-        _append_metric(metrics_file, row)
+        if main:
+            _append_metric(metrics_file, row)
         bar.set_postfix(
             loss=f"{loss_value:.4f}",
             tok_s=f"{row['tok_per_s']:.0f}",
@@ -600,17 +703,13 @@ def train(
         )
         bar.update(1)
         if cfg.save_every and step % cfg.save_every == 0 and step < cfg.max_steps:
-            save_checkpoint(out / "checkpoint", model, optimizer, scheduler, cfg, step)
+            save_checkpoint(out / "checkpoint", base_model, optimizer, scheduler, cfg, step, ctx)
     bar.close()
-    save_checkpoint(out / "checkpoint", model, optimizer, scheduler, cfg, step)
-    final = evaluate(model, tokenizer, prep, cfg)
+    save_checkpoint(out / "checkpoint", base_model, optimizer, scheduler, cfg, step, ctx)
+    final = evaluate(dist.unwrap(model), tokenizer, prep, cfg, ctx=ctx)
     if rows:
         rows[-1].update({f"val_{k}": v for k, v in final.items()})
-    if cfg.method == "full":
-        model.save_pretrained(out / "model")
-        tokenizer.save_pretrained(out / "model")
-    else:
-        save_adapter(model, out / "adapter")
+    _save_result(base_model, tokenizer, cfg, out, ctx)
     elapsed = time.perf_counter() - t_start
     summary = {
         "method": cfg.method,
@@ -624,10 +723,34 @@ def train(
         **{f"val_{k}": v for k, v in final.items()},
         "output": str(out),
     }
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    _write_metrics_csv(out / "metrics.csv", rows)
-    plot_losses(rows, out / "loss.png", title=f"{cfg.method} on {cfg.data}")
-    return {"summary": summary, "model": model, "tokenizer": tokenizer, "prepared": prep}
+    if ctx.enabled:
+        summary["world_size"], summary["strategy"] = ctx.world, cfg.strategy
+    if main:
+        (out / "summary.json").write_text(json.dumps(summary, indent=2))
+        _write_metrics_csv(out / "metrics.csv", rows)
+        plot_losses(rows, out / "loss.png", title=f"{cfg.method} on {cfg.data}")
+    dist.barrier(ctx)  # no rank returns (and reads outputs) before rank 0 has written them
+    return {"summary": summary, "model": base_model, "tokenizer": tokenizer, "prepared": prep}
+
+
+def _save_result(model, tokenizer, cfg: TrainConfig, out: Path, ctx: Context) -> None:
+    """The trained adapter (or full model) under ``out``; gathered on every rank, written once."""
+    from .adapters import adapter_payload, write_adapter
+    from .distributed import full
+
+    if cfg.method != "full":
+        payload = adapter_payload(model)
+        if ctx.is_main:
+            write_adapter(out / "adapter", payload)
+        return
+    if ctx.enabled:  # FSDP shards: gather each tensor whole into a state dict first
+        state = {k: full(v).cpu() for k, v in model.state_dict().items()}
+        if ctx.is_main:
+            model.save_pretrained(out / "model", state_dict=state)
+    else:
+        model.save_pretrained(out / "model")
+    if ctx.is_main:
+        tokenizer.save_pretrained(out / "model")
 
 
 def _read_metrics(file: Path, up_to: int) -> list[dict[str, Any]]:
