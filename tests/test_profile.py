@@ -41,3 +41,25 @@ def test_params_excluded_and_training_memory():
     assert mem["weights"] == mem["grads"] == (64 + 8) * 4
     assert mem["optimizer"] == 2 * mem["grads"]
     assert mem["total"] == sum(v for k, v in mem.items() if k != "total")
+
+
+def test_count_saved_frees_the_graph():
+    """A counted forward must not keep its graph alive once dropped (a saved output tied to its
+    own grad_fn, or the held tensors, would leak every counted forward's activations)."""
+    import gc
+    import weakref
+
+    w = torch.nn.Parameter(torch.randn(8, 8))
+    x = torch.randn(4, 8)
+    refs = []
+
+    def fn():
+        y = torch.sigmoid(x @ w)  # sigmoid saves its output
+        refs.append(weakref.ref(y))
+        return y.sum()
+
+    loss, nbytes = lk.count_saved([], fn)
+    assert nbytes == 2 * 4 * 8 * 4  # x (kept by x @ w for the gradient of w) and sigmoid(.)
+    del loss  # no backward (memory-only counting): nothing frees the saved tensors but gc
+    gc.collect()
+    assert refs[0]() is None

@@ -43,7 +43,17 @@ class SavedTensors:
                 self.storages[key] = t.untyped_storage().nbytes()
                 # Hold it so its address cannot be reused by another storage during the count.
                 self._keep.append(t)
-        return t
+        # The graph stores what pack returns, strongly. ``t`` itself would tie a saved output
+        # (softmax, exp, ...) to its own grad_fn in a cycle through C++ that gc cannot see, and
+        # the graph would outlive the step; a detached alias (same storage, same version
+        # counter) is what autograd stores without hooks.
+        return t.detach()
+
+    def release(self) -> None:
+        """Drop the held tensors once the count is done. The autograd graph keeps a reference
+        to the pack hook (this object's method): tensors held here would keep the graph alive
+        through a cycle Python's gc cannot see, and every counted step would leak."""
+        self._keep.clear()
 
 
 def _param_storages(modules: Iterable[nn.Module]) -> set[tuple[str, int]]:
@@ -64,8 +74,11 @@ def count_saved(
     """
     modules = [model] if isinstance(model, nn.Module) else list(model)
     saved = SavedTensors(exclude=_param_storages(modules))
-    with torch.autograd.graph.saved_tensors_hooks(saved.pack, lambda t: t):
-        out = fn()
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(saved.pack, lambda t: t):
+            out = fn()
+    finally:
+        saved.release()
     return out, saved.bytes
 
 
@@ -108,10 +121,10 @@ def saved_breakdown(model: nn.Module, fn: Callable[[], object]) -> tuple[object,
 
     def pack(t: torch.Tensor) -> torch.Tensor:
         before = len(saved.storages)
-        saved.pack(t)
+        alias = saved.pack(t)
         if len(saved.storages) > before:
             by_cat[_category(stack)] += t.untyped_storage().nbytes()
-        return t
+        return alias
 
     def pre(m, args):
         stack.append((names.get(id(m), ""), m))
@@ -127,6 +140,7 @@ def saved_breakdown(model: nn.Module, fn: Callable[[], object]) -> tuple[object,
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             out = fn()
     finally:
+        saved.release()
         for h in handles:
             h.remove()
     return out, by_cat
