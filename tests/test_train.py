@@ -221,7 +221,14 @@ def test_full_finetuning_baseline(tiny, data_file, tmp_path):
 
 
 @pytest.mark.parametrize(
-    "bad", [{"batch_size": 6, "micro_batch_size": 4}, {"method": "dora"}, {"max_steps": 0}]
+    "bad",
+    [
+        {"batch_size": 6, "micro_batch_size": 4},
+        {"method": "dora"},
+        {"max_steps": 0},
+        {"device": "gpu0"},
+        {"strategy": "zero3"},
+    ],
 )
 def test_bad_train_config(tiny, data_file, tmp_path, bad):
     with pytest.raises(ValueError, match=r"must|valid choices"):

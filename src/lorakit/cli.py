@@ -139,6 +139,11 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument(
+        "--device",
+        default="auto",
+        help="auto (cuda if available; under torchrun cuda:LOCAL_RANK), cpu, cuda or cuda:N",
+    )
+    p.add_argument(
         "--strategy",
         default="ddp",
         choices=["ddp", "fsdp"],
@@ -159,7 +164,7 @@ def _train_config(a: argparse.Namespace):
         "schedule": a.schedule, "weight_decay": a.weight_decay, "max_grad_norm": a.max_grad_norm,
         "dtype": a.dtype, "seed": a.seed, "max_len": a.max_len, "eval_every": a.eval_every,
         "eval_examples": a.eval_examples, "save_every": a.save_every, "output": a.output,
-        "progress": not a.no_progress, "strategy": a.strategy,
+        "progress": not a.no_progress, "strategy": a.strategy, "device": a.device,
     }  # fmt: skip
     return TrainConfig(**fields)
 
@@ -301,8 +306,11 @@ def _calibration_texts(source: str) -> list[str]:
 
 
 def cmd_demo(a: argparse.Namespace) -> int:
-    from .demo import run_demo
+    from .demo import run_demo, run_sparse_demo
 
+    if a.sparse:
+        output = a.output if a.output != "runs/demo" else "runs/demo-sparse"
+        return run_sparse_demo(output=output, max_steps=a.max_steps, seed=a.seed)
     return run_demo(output=a.output, max_steps=a.max_steps, seed=a.seed, method=a.method)
 
 
@@ -394,6 +402,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="adapter method to fine-tune with",
     )
     p.add_argument("--seed", type=int, default=0, help="random seed")
+    p.add_argument(
+        "--sparse",
+        action="store_true",
+        help="the sparse story instead: Wanda 2:4 pruning -> perplexity drop -> LoRS fine-tune "
+        "-> recovery -> merge -> verify every pruned weight is still zero (output: "
+        "runs/demo-sparse)",
+    )
     p.set_defaults(func=cmd_demo)
     return parser
 

@@ -30,12 +30,24 @@ def _forward_logits(model: nn.Module, input_ids, attention_mask, keep: int) -> t
     return model(**kwargs).logits[:, -keep:]
 
 
+def model_device(model: nn.Module) -> torch.device:
+    """Where the model's parameters live (its inputs go there)."""
+    param = next(model.parameters(), None)
+    return param.device if param is not None else torch.device("cpu")
+
+
+def to_device(batch: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+    device = model_device(model)
+    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
 def token_losses(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
     """Summed next-token cross-entropy over label positions, and how many there are.
 
     ``batch`` has input_ids, attention_mask and labels (-100 where no loss); labels are the
     input ids themselves (the shift happens here).
     """
+    batch = to_device(batch, model)
     ids, mask, labels = batch["input_ids"], batch.get("attention_mask"), batch["labels"]
     inner = getattr(model, "module", model)  # under a DDP wrapper
     if hasattr(inner, "_lorakit_dense_forward"):  # reduce_activation_memory's chunked loss
@@ -108,7 +120,7 @@ def _common_prefix(seqs: list[list[int]]) -> int:
 def _prefix_cache(model: nn.Module, prefix: list[int]):
     """KV cache of a prompt prefix shared by every example (None if the model has no cache)."""
     try:
-        out = model(input_ids=torch.tensor([prefix]), use_cache=True)
+        out = model(input_ids=torch.tensor([prefix], device=model_device(model)), use_cache=True)
     except TypeError:
         return None
     return getattr(out, "past_key_values", None)
@@ -135,6 +147,7 @@ def last_token_logits(
     for i in range(0, len(order), batch_size):
         idx = order[i : i + batch_size]
         ids, mask = left_pad([seqs[j][shared:] for j in idx], pad_id)
+        ids, mask = ids.to(model_device(model)), mask.to(model_device(model))
         kwargs = {}
         if cache is not None:
             batch_cache = copy.deepcopy(cache)
@@ -181,7 +194,7 @@ def classify(
     seqs = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
     logits = last_token_logits(model, seqs, pad, batch_size)
     model.train(was_training)
-    return logits[:, candidates].argmax(-1).tolist()
+    return logits[:, candidates.to(logits.device)].argmax(-1).tolist()
 
 
 def left_pad(seqs: Iterable[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:

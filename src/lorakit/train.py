@@ -35,6 +35,7 @@ from .evaluate import (
     label_token_ids,
     left_pad,
     nll,
+    to_device,
     token_losses,
 )
 from .inject import count_parameters, inject
@@ -52,6 +53,7 @@ RESUMABLE_CHANGES = (
     "eval_examples",
     "progress",
     "output",
+    "device",
     "strategy",  # DDP and FSDP compute the same thing; so does any world size dividing the batch
 )
 
@@ -91,6 +93,7 @@ class TrainConfig:
     save_every: int = 50  # checkpoint interval in steps (0: only at the end)
     output: str = "runs/lorakit"
     progress: bool = True
+    device: str = "auto"  # "auto": cuda if available (torchrun: cuda:LOCAL_RANK), else cpu
     strategy: str = "ddp"  # under torchrun: "ddp" | "fsdp" (ignored in a single process)
 
     def __post_init__(self) -> None:
@@ -125,6 +128,12 @@ class TrainConfig:
             )
         if not 0 <= self.warmup < 1:
             raise ValueError(f"warmup is a fraction of max_steps in [0, 1), got {self.warmup}")
+        try:
+            torch.device(self.device if self.device != "auto" else "cpu")
+        except RuntimeError as e:
+            raise ValueError(
+                f"device must be auto, cpu, cuda or cuda:N; got {self.device!r}"
+            ) from e
         if self.strategy not in ("ddp", "fsdp"):
             raise ValueError(f"strategy must be ddp or fsdp, got {self.strategy!r}")
         if self.init not in ("kaiming", "gaussian", "gradient_svd"):
@@ -292,6 +301,7 @@ def collate(examples: list[dict[str, Any]], pad_id: int) -> dict[str, torch.Tens
 def batch_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Summed loss of a micro-batch (token losses for LMs, example losses for classifiers)."""
     if batch["labels"].dim() == 1:
+        batch = to_device(batch, model)
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         return torch.nn.functional.cross_entropy(logits.float(), batch["labels"], reduction="sum")
     return token_losses(model, batch)[0]
@@ -527,7 +537,7 @@ def predict_classes(model, tokenizer, records, max_len: int, batch_size: int = 6
         enc = tokenizer(
             texts, truncation=True, max_length=max_len, padding=True, return_tensors="pt"
         )
-        preds.extend(model(**enc).logits.argmax(-1).tolist())
+        preds.extend(model(**to_device(dict(enc), model)).logits.argmax(-1).tolist())
     model.train(was_training)
     return preds
 
@@ -604,6 +614,10 @@ def train(
     else:
         heads = tuple(h for h in HEADS if task == "seq-cls" and hasattr(model, h))
         inject(model, cfg.lora_config(modules_to_save=heads))
+    if cfg.device != "auto":
+        model.to(cfg.device)
+    elif ctx.enabled or torch.cuda.is_available():
+        model.to(ctx.device if ctx.enabled else "cuda")
     if cfg.init == "gradient_svd" and cfg.method != "full" and checkpoint is None:
         from .methods.lors import gradient_svd_init
 
