@@ -1,10 +1,10 @@
 """LoRA vs LoRA-FA (v1, and v2 with the gradient correction) at the demo's budget.
 
-SmolLM2-135M-Instruct on rotten-tomatoes sentiment: rank 16, alpha 32, all linear layers, 30 steps
+SmolLM2-135M-Instruct on rotten-tomatoes sentiment: rank 16, alpha 32, all linear layers, 24 steps
 of 16 reviews, lr 2e-3, the demo's plain prompt; accuracy on the 1,057 test reviews. Same seed,
 same data order for every row.
 
-    .venv/bin/python bench/lora_fa_quality.py        # STEPS=30 to change
+    .venv/bin/python bench/lora_fa_quality.py        # STEPS=24 to change
 """
 
 from __future__ import annotations

@@ -110,27 +110,33 @@ def test_fsdp_composes_with_reduce_memory_and_checkpointing(setup, tmp_path):
     assert _max_diff(_adapter(out), _adapter(tmp_path / "single")) <= 1e-5
 
 
-def test_resume_with_another_world_size(setup, tmp_path):
-    """Kill a 2-process FSDP run after a checkpoint; finish it in one process; same adapter."""
+def test_rank_crash_keeps_checkpoint_and_resumes_with_another_world_size(setup, tmp_path):
+    """Kill one worker of a 2-process FSDP run after a checkpoint: torchrun stops the other and
+    fails naming the dead rank; the checkpoint is intact and one process finishes the run to the
+    uninterrupted run's adapter."""
+    import psutil
+
     steps = 40
     _single(setup, "lora", tmp_path / "single", steps=steps)
     out = tmp_path / "killed"
     cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-        "--standalone", "-m", "lorakit", "train",
-        *_args(setup, "lora", out, steps=steps), "--strategy", "fsdp",
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+        "-m", "lorakit", "train", *_args(setup, "lora", out, steps=steps), "--strategy", "fsdp",
     ]  # fmt: skip
-    proc = subprocess.Popen(
-        cmd, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
-    )
-    deadline = time.time() + 240
-    while time.time() < deadline:
-        ckpt = find_checkpoint(out)
-        if ckpt is not None and json.loads((ckpt / "trainer_state.json").read_text())["step"] >= 4:
-            break
-        time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    log = tmp_path / "torchrun.log"
+    with log.open("w") as f:
+        proc = subprocess.Popen(cmd, env=ENV, stdout=f, stderr=subprocess.STDOUT)
+        deadline = time.time() + 240
+        while time.time() < deadline:
+            ckpt = find_checkpoint(out)
+            if ckpt and json.loads((ckpt / "trainer_state.json").read_text())["step"] >= 4:
+                break
+            time.sleep(0.05)
+        workers = psutil.Process(proc.pid).children()
+        assert len(workers) == 2
+        workers[-1].send_signal(signal.SIGKILL)
+        assert proc.wait(timeout=120) != 0
+    assert "FAILED" in log.read_text() and "Signal 9 (SIGKILL)" in log.read_text()
     meta = json.loads((find_checkpoint(out) / "trainer_state.json").read_text())
     assert 4 <= meta["step"] < steps and meta["world_size"] == 2
     args = _args(setup, "lora", out, steps=steps)
