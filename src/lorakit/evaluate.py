@@ -105,6 +105,12 @@ def perplexity(model: nn.Module, blocks: torch.Tensor, batch_size: int = 4) -> f
     return math.exp(total / max(count, 1))
 
 
+def shared_prefix(tokenizer, prompts: Sequence[str]) -> int:
+    """Length in tokens of the prefix all ``prompts`` share (what :func:`classify` caches)."""
+    seqs = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    return _common_prefix(seqs) if len(seqs) > 1 else 0
+
+
 def _common_prefix(seqs: list[list[int]]) -> int:
     n = min(len(s) for s in seqs) - 1  # every sequence keeps at least one token of its own
     first = seqs[0]
@@ -128,18 +134,24 @@ def _prefix_cache(model: nn.Module, prefix: list[int]):
 
 @torch.no_grad()
 def last_token_logits(
-    model: nn.Module, seqs: list[list[int]], pad_id: int, batch_size: int = 32
+    model: nn.Module,
+    seqs: list[list[int]],
+    pad_id: int,
+    batch_size: int = 32,
+    shared: int | None = None,
 ) -> torch.Tensor:
     """Logits at the last token of each sequence, (n, vocab), computed as cheaply as possible.
 
     Sequences are batched by length (little padding), left-padded so only the last position's
     logits are computed, and a token prefix shared by all of them (a prompt template) is run
-    once and reused from the KV cache.
+    once and reused from the KV cache. ``shared`` fixes that prefix's length (distributed
+    evaluation passes the whole set's, so every rank runs the same forward passes).
     """
     import copy
 
     order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
-    shared = _common_prefix(seqs) if len(seqs) > 1 else 0
+    if shared is None:
+        shared = _common_prefix(seqs) if len(seqs) > 1 else 0
     cache = _prefix_cache(model, seqs[0][:shared]) if shared >= 4 else None
     if cache is None:
         shared = 0
@@ -182,6 +194,7 @@ def classify(
     label_words: Sequence[str],
     *,
     batch_size: int = 32,
+    shared_prefix: int | None = None,
 ) -> list[int]:
     """Predict, for each prompt, the label word with the highest log-probability as its continuation.
 
@@ -192,7 +205,7 @@ def classify(
     model.eval()
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     seqs = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
-    logits = last_token_logits(model, seqs, pad, batch_size)
+    logits = last_token_logits(model, seqs, pad, batch_size, shared=shared_prefix)
     model.train(was_training)
     return logits[:, candidates.to(logits.device)].argmax(-1).tolist()
 

@@ -35,6 +35,7 @@ from .evaluate import (
     label_token_ids,
     left_pad,
     nll,
+    shared_prefix,
     to_device,
     token_losses,
 )
@@ -508,12 +509,15 @@ def evaluate(
         preds = predictions(lambda rs: predict_classes(model, tokenizer, rs, cfg.max_len))
         return {"accuracy": accuracy(preds, labels)}
     if prep.task == "classify" and records:
+
+        def prompts(rs):
+            return [prep.template.replace("{text}", r["text"]) for r in rs]
+
+        # Every rank caches the whole set's shared prefix: the same forward passes everywhere.
+        shared = shared_prefix(tokenizer, prompts(records)) if ctx.enabled else None
         preds = predictions(
             lambda rs: classify(
-                model,
-                tokenizer,
-                [prep.template.replace("{text}", r["text"]) for r in rs],
-                prep.label_words,
+                model, tokenizer, prompts(rs), prep.label_words, shared_prefix=shared
             )
         )
         return {"accuracy": accuracy(preds, labels)}
