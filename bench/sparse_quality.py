@@ -9,7 +9,7 @@ unmerged). Every row trains r=16 on all 7 projections with AdamW, cosine schedul
 batches in the same order (shakespeare train windows). Then rotten-tomatoes: zero-shot accuracy
 of the pruned model and after a LoRS fine-tune at the demo's budget (test split).
 
-    .venv/bin/python bench/sparse_quality.py     # STEPS=60 BATCH=2 RT=1 to change
+    .venv/bin/python bench/sparse_quality.py     # STEPS=40 BATCH=2 RT=1 ROWS=LoRS,SPP to change
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from lorakit.evaluate import accuracy, classify, perplexity  # noqa: E402
 from lorakit.models import load_model  # noqa: E402
 
 SEQ = 256
-CALIBRATION = 64  # Wanda calibration windows of SEQ tokens
+CALIBRATION = 32  # Wanda calibration windows of SEQ tokens (as in `lorakit demo --sparse`)
 
 
 def lr_at(step: int, steps: int, peak: float, warm: float = 0.06) -> float:
@@ -91,17 +91,50 @@ def lora(model, train_blocks):
     return lk.inject(model, lk.LoRAConfig(method="lora", rank=16, alpha=32, targets=PROJECTIONS))
 
 
-def spp(model, train_blocks):
-    from sparse_baselines import inject_spp  # bench-only baseline
+class SPPLinear(torch.nn.Module):
+    """SPP (bench baseline, plain autograd): W' = W ⊙ (1 + s·c ⊗ R̃), R (16, in) repeated over
+    groups of output rows, c (out,) zero-initialised, so W' starts as W and keeps its zeros."""
 
-    return inject_spp(model, rank=16, alpha=32, targets=PROJECTIONS)
+    def __init__(self, base: torch.nn.Linear, groups: int = 16, scale: float = 1.0) -> None:
+        super().__init__()
+        self.base, self.groups, self.scale = base, groups, scale
+        out_f, in_f = base.weight.shape
+        self.R = torch.nn.Parameter(torch.randn(groups, in_f) / in_f**0.5)
+        self.c = torch.nn.Parameter(torch.zeros(out_f))
+
+    def weight(self) -> torch.Tensor:
+        w = self.base.weight
+        rows = self.R.repeat(-(-w.shape[0] // self.groups), 1)[: w.shape[0]]
+        return w * (1 + self.scale * self.c[:, None] * rows)
+
+    def forward(self, x):
+        return torch.nn.functional.linear(x, self.weight(), self.base.bias)
+
+
+def spp(model, train_blocks):
+    model.requires_grad_(False)
+    for name, module in list(model.named_modules()):
+        if name.rsplit(".", 1)[-1] in PROJECTIONS:
+            parent, _, leaf = name.rpartition(".")
+            setattr(model.get_submodule(parent), leaf, SPPLinear(module))
+    return model
+
+
+def merge_spp(model) -> None:
+    for name, module in list(model.named_modules()):
+        if isinstance(module, SPPLinear):
+            with torch.no_grad():
+                module.base.weight.copy_(module.weight())
+            parent, _, leaf = name.rpartition(".")
+            setattr(model.get_submodule(parent), leaf, module.base)
 
 
 ROWS = {
+    "SPP": spp,
     "LoRS exact (= SQFT's math)": lors("exact"),
     "LoRS straight-through": lors("straight_through"),
     "LoRS exact + gradient-SVD init": lors("exact", "gradient_svd"),
-    "SPP": spp,
+    "dense + LoRA (reference: the same budget without pruning)": lora,
     "LoRA (unmasked; not sparse after merge)": lora,
 }
 
@@ -137,18 +170,18 @@ def rotten_tomatoes(pruned, tok, steps: int) -> list[str]:
 
 
 def main() -> None:
-    steps = int(os.environ.get("STEPS", 60))
+    steps = int(os.environ.get("STEPS", 40))
     batch = int(os.environ.get("BATCH", 2))
     lr = float(os.environ.get("LR", 1e-3))
     only = [r for r in os.environ.get("ROWS", "").split(",") if r]
     _, tok = load_model("smollm2-135m")
     train_blocks = data.lm_blocks(data.load_records("shakespeare", "train"), tok, SEQ)
-    held_out = data.lm_blocks(data.load_records("shakespeare", "test"), tok, SEQ)[:48]
+    held_out = data.lm_blocks(data.load_records("shakespeare", "test"), tok, SEQ)[:32]
 
     dense_model = smollm2(torch.float32).eval()
     dense = perplexity(dense_model, held_out)
     print(f"dense ppl {dense:.3f}", flush=True)
-    pruned_model = dense_model
+    pruned_model = copy.deepcopy(dense_model)
     lk.prune(pruned_model, "wanda", "2:4", tokenizer=tok, n_samples=CALIBRATION, seq_len=SEQ)
     masks = {n: p == 0 for n, p in pruned_model.named_parameters() if (p == 0).any()}
     pruned = perplexity(pruned_model, held_out)
@@ -163,12 +196,15 @@ def main() -> None:
             continue
         print(f"== {name}", flush=True)
         torch.manual_seed(0)
-        model = build(copy.deepcopy(pruned_model), train_blocks)
+        start = dense_model if name.startswith("dense") else pruned_model
+        model = build(copy.deepcopy(start), train_blocks)
         seconds = finetune(model, train_blocks, steps, batch, lr, seed=0)
         ppl = perplexity(model, held_out)
         recovered = (pruned - ppl) / (pruned - dense)
-        if "LoRA (" not in name:
-            lk.merge(model) if "LoRS" in name else model.merge_spp()
+        if name.startswith("dense"):
+            sparse = "- (dense)"
+        elif "LoRA (" not in name:
+            lk.merge(model) if "LoRS" in name else merge_spp(model)
             merged_ppl = perplexity(model, held_out)
             sparse = "yes" if zeros_kept(model, masks) else "NO"
             sparse += f" (merged ppl {merged_ppl:.2f})"
