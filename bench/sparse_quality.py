@@ -26,6 +26,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import PROJECTIONS, machine, smollm2, write  # noqa: E402
+from sparse_baselines import SPPLinear, replace  # noqa: E402
+from sparse_baselines import merge as merge_baseline  # noqa: E402
 
 import lorakit as lk  # noqa: E402
 from lorakit import data  # noqa: E402
@@ -91,42 +93,8 @@ def lora(model, train_blocks):
     return lk.inject(model, lk.LoRAConfig(method="lora", rank=16, alpha=32, targets=PROJECTIONS))
 
 
-class SPPLinear(torch.nn.Module):
-    """SPP (bench baseline, plain autograd): W' = W ⊙ (1 + s·c ⊗ R̃), R (16, in) repeated over
-    groups of output rows, c (out,) zero-initialised, so W' starts as W and keeps its zeros."""
-
-    def __init__(self, base: torch.nn.Linear, groups: int = 16, scale: float = 1.0) -> None:
-        super().__init__()
-        self.base, self.groups, self.scale = base, groups, scale
-        out_f, in_f = base.weight.shape
-        self.R = torch.nn.Parameter(torch.randn(groups, in_f) / in_f**0.5)
-        self.c = torch.nn.Parameter(torch.zeros(out_f))
-
-    def weight(self) -> torch.Tensor:
-        w = self.base.weight
-        rows = self.R.repeat(-(-w.shape[0] // self.groups), 1)[: w.shape[0]]
-        return w * (1 + self.scale * self.c[:, None] * rows)
-
-    def forward(self, x):
-        return torch.nn.functional.linear(x, self.weight(), self.base.bias)
-
-
 def spp(model, train_blocks):
-    model.requires_grad_(False)
-    for name, module in list(model.named_modules()):
-        if name.rsplit(".", 1)[-1] in PROJECTIONS:
-            parent, _, leaf = name.rpartition(".")
-            setattr(model.get_submodule(parent), leaf, SPPLinear(module))
-    return model
-
-
-def merge_spp(model) -> None:
-    for name, module in list(model.named_modules()):
-        if isinstance(module, SPPLinear):
-            with torch.no_grad():
-                module.base.weight.copy_(module.weight())
-            parent, _, leaf = name.rpartition(".")
-            setattr(model.get_submodule(parent), leaf, module.base)
+    return replace(model, PROJECTIONS, SPPLinear)
 
 
 ROWS = {
@@ -204,7 +172,7 @@ def main() -> None:
         if name.startswith("dense"):
             sparse = "- (dense)"
         elif "LoRA (" not in name:
-            lk.merge(model) if "LoRS" in name else merge_spp(model)
+            lk.merge(model) if "LoRS" in name else merge_baseline(model)
             merged_ppl = perplexity(model, held_out)
             sparse = "yes" if zeros_kept(model, masks) else "NO"
             sparse += f" (merged ppl {merged_ppl:.2f})"

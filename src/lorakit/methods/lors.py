@@ -37,12 +37,15 @@ TILE = 1024  # output rows per tile of the exact gradient
 def masked_weight(
     weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor, s: float, fifo: bool, dtype
 ):
-    """W' = (W + s·B A) ⊙ [W ≠ 0] in ``dtype``, in W's layout ((in, out) when fan_in_fan_out)."""
-    delta = (B.to(dtype) @ A.to(dtype)) * s  # (out, in)
+    """W' = (W + s·B A) ⊙ [W ≠ 0] in ``dtype``, in W's layout ((in, out) when fan_in_fan_out).
+
+    One weight-sized result and one bool mask: W + s·B A in a single addmm, then the pruned
+    positions set to exactly +0 in place.
+    """
     w = weight.to(dtype)
-    if fifo:
-        delta = delta.t()
-    return torch.where(w != 0, w + delta, torch.zeros((), dtype=dtype, device=w.device))
+    A, B = A.to(dtype), B.to(dtype)
+    out = torch.addmm(w, A.t(), B.t(), alpha=s) if fifo else torch.addmm(w, B, A, alpha=s)
+    return out.masked_fill_(w == 0, 0)
 
 
 class LoRSFunction(torch.autograd.Function):
