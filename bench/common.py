@@ -107,6 +107,13 @@ def run_interleaved(peers: list[Peer], ids: torch.Tensor, steps: int, warmup: in
                 print(f"  {p.name}: {p.times[-1]:.2f} s", flush=True)
 
 
+def static_bytes(model: torch.nn.Module) -> tuple[int, int]:
+    """(weights incl. buffers, grads + AdamW states of the trainable parameters)."""
+    weights = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+    trainable = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    return weights, 3 * trainable
+
+
 def fresh(model: nn.Module) -> nn.Module:
     return copy.deepcopy(model)
 

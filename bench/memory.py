@@ -25,7 +25,16 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import PROJECTIONS, Peer, fresh, machine, run_interleaved, smollm2, write  # noqa: E402
+from common import (  # noqa: E402
+    PROJECTIONS,
+    Peer,
+    fresh,
+    machine,
+    run_interleaved,
+    smollm2,
+    static_bytes,
+    write,
+)
 
 import lorakit as lk  # noqa: E402
 from lorakit.profile import MiB, count_saved  # noqa: E402
@@ -89,13 +98,6 @@ def loss_agreement(peers) -> list[str]:
                 f"- {p.name} vs + reduce: max |Δloss| over {len(p.losses)} steps = {diff:.2e}"
             )
     return out
-
-
-def static_bytes(model: torch.nn.Module) -> tuple[int, int]:
-    """(weights incl. buffers, grads + AdamW states of the trainable parameters)."""
-    weights = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
-    trainable = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
-    return weights, 3 * trainable
 
 
 def lorafa_optimizer(model, lr=1e-4):

@@ -27,7 +27,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 import sparse_baselines as sb  # noqa: E402
-from common import PROJECTIONS, Peer, machine, run_interleaved, smollm2, write  # noqa: E402
+from common import (  # noqa: E402
+    PROJECTIONS,
+    Peer,
+    machine,
+    run_interleaved,
+    smollm2,
+    static_bytes,
+    write,
+)
 
 import lorakit as lk  # noqa: E402
 from lorakit.models import load_model  # noqa: E402
@@ -96,12 +104,6 @@ def saved_split(model, ids) -> tuple[int, int]:
     return saved.bytes, extra
 
 
-def static_bytes(model) -> int:
-    weights = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
-    trainable = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
-    return weights + 3 * trainable
-
-
 def pruned_base(sparsity: str | float, tok) -> torch.nn.Module:
     model = smollm2(torch.float32)
     lk.prune(model, "wanda", sparsity, tokenizer=tok, n_samples=16, seq_len=256, progress=False)
@@ -125,7 +127,7 @@ def main() -> None:
                     name: make(copy.deepcopy(base)).train() for name, make in rows(rank).items()
                 }
                 mem = {n: saved_split(m, ids) for n, m in built.items()}
-                static = {n: static_bytes(m) for n, m in built.items()}
+                static = {n: sum(static_bytes(m)) for n, m in built.items()}
                 if time_it:
                     peers = [Peer(n, m) for n, m in built.items()]
                     run_interleaved(peers, ids, steps=steps)
