@@ -34,7 +34,7 @@ def test_exact_gradcheck_float64(fifo):
 
 @pytest.mark.parametrize("fifo", [False, True])
 def test_exact_equals_autograd_of_masked_forward(fifo, monkeypatch):
-    monkeypatch.setattr("lorakit.methods.lors.TILE", 2)  # several tiles
+    monkeypatch.setattr("lorakit.methods.lors.TILE_ELEMENTS", 20)  # tiles of 2 rows of 10
     x, w, b, A, B = _inputs(fifo, torch.float64, n=7, d_in=10, d_out=9, r=4)
     g = torch.randn(7, 9, dtype=torch.float64)
     y = LoRSFunction.apply(x, w, b, A, B, 1.3, fifo, True)
