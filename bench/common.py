@@ -132,3 +132,27 @@ def mib(nbytes: int) -> str:
 
 def env_flag(name: str, default: int) -> int:
     return int(os.environ.get(name, default))
+
+
+def table_rows(text: str) -> list[list[str]]:
+    """The body rows of every markdown table in ``text``, as lists of stripped cells (header rows,
+    the ones right above a ``|---|`` line, left out)."""
+    rows = []
+    for line in text.splitlines():
+        if not line.startswith("|"):
+            continue
+        if set(line.strip()) <= set("|-: "):
+            rows.pop()  # the header
+            continue
+        rows.append([c.strip() for c in line.strip().strip("|").split("|")])
+    return rows
+
+
+def pyplot():
+    """matplotlib.pyplot on the file-only Agg backend (imported when a bench plots)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt

@@ -12,7 +12,7 @@ the other settings report memory. The reference LorsFn is loaded from $LORS_REF 
 /tmp/lors_ref/lors_autograd.py, fetched from the LoRS authors' repository, not committed); its
 row is omitted when absent.
 
-    .venv/bin/python bench/sparse.py        # STEPS=3 to change
+    .venv/bin/python bench/sparse.py        # STEPS=5 to change; --plot re-draws sparse.png from sparse.md
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import copy
 import gc
 import os
 import sys
+import textwrap
 from pathlib import Path
 
 import torch
@@ -29,11 +30,14 @@ sys.path.insert(0, str(Path(__file__).parent))
 import sparse_baselines as sb  # noqa: E402
 from common import (  # noqa: E402
     PROJECTIONS,
+    RESULTS,
     Peer,
     machine,
+    pyplot,
     run_interleaved,
     smollm2,
     static_bytes,
+    table_rows,
     write,
 )
 
@@ -110,8 +114,38 @@ def pruned_base(sparsity: str | float, tok) -> torch.nn.Module:
     return model
 
 
+def plot(md: Path, out: Path) -> None:
+    """Two panels from ``md``'s table at the timed setting (2:4, seq 512, r 16): saved bytes per
+    row (the weight-sized part stacked on top) and median step time."""
+    plt = pyplot()
+    rows = [r for r in table_rows(md.read_text()) if r[:3] == ["2:4", "512", "16"]]
+    names = [textwrap.fill(r[3], 26) for r in rows]
+    extra = [float(r[6]) for r in rows]
+    rest = [float(r[4]) - e for r, e in zip(rows, extra, strict=True)]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 5), sharey=True)
+    left.barh(names, rest, color="tab:blue", label="activations")
+    left.barh(names, extra, left=rest, color="tab:red", label="weight-sized (masks, deltas, W')")
+    left.set_xlabel("saved for backward, MiB")
+    left.legend(fontsize=8, loc="lower right")
+    left.invert_yaxis()
+    times = [float(r[8]) for r in rows]  # every row of this setting is timed
+    right.barh(names, times, color="tab:gray")
+    ref = [t for r, t in zip(rows, times, strict=True) if r[3].startswith("reference")]
+    if ref:
+        right.axvline(ref[0], color="k", ls="--", lw=1, label=f"reference LorsFn {ref[0]:.2f} s")
+        right.legend(fontsize=8, loc="lower right")
+    right.set_xlabel("median step s (forward + backward + AdamW)")
+    fig.suptitle("SmolLM2-135M pruned 2:4 (Wanda), fp32, batch 1, seq 512, r=16")
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    print(f"wrote {out}")
+
+
 def main() -> None:
-    steps = int(os.environ.get("STEPS", 3))
+    if "--plot" in sys.argv:  # re-draw the figure from the committed table
+        plot(RESULTS / "sparse.md", RESULTS / "sparse.png")
+        return
+    steps = int(os.environ.get("STEPS", 5))
     _, tok = load_model("smollm2-135m")
     lines, checks = [], []
     timed: dict[str, float] = {}
@@ -191,7 +225,7 @@ def main() -> None:
         ]
     )
     print(text)
-    write("sparse.md", text)
+    plot(write("sparse.md", text), RESULTS / "sparse.png")
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ unmerged). Every row trains r=16 on all 7 projections with AdamW, cosine schedul
 batches in the same order (shakespeare train windows). Then rotten-tomatoes: zero-shot accuracy
 of the pruned model and after a LoRS fine-tune at the demo's budget (test split).
 
-    .venv/bin/python bench/sparse_quality.py     # STEPS=40 BATCH=2 RT=1 ROWS=LoRS,SPP to change
+    .venv/bin/python bench/sparse_quality.py     # STEPS=40 BATCH=2 RT=1 ROWS=LoRS,SPP to change; --plot re-draws the PNG
 """
 
 from __future__ import annotations
@@ -19,13 +19,14 @@ import math
 import os
 import sys
 import tempfile
+import textwrap
 import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import PROJECTIONS, machine, smollm2, write  # noqa: E402
+from common import PROJECTIONS, RESULTS, machine, pyplot, smollm2, table_rows, write  # noqa: E402
 from sparse_baselines import SPPLinear, replace  # noqa: E402
 from sparse_baselines import merge as merge_baseline  # noqa: E402
 
@@ -137,7 +138,32 @@ def rotten_tomatoes(pruned, tok, steps: int) -> list[str]:
     ]
 
 
+def plot(md: Path, out: Path) -> None:
+    """Held-out perplexity per row of the perplexity table in ``md``, as horizontal bars."""
+    plt = pyplot()
+    rows = [r for r in table_rows(md.read_text()) if len(r) == 5]
+    dense = next(float(r[1]) for r in rows if r[0] == "dense")
+    pruned = next(float(r[1]) for r in rows if r[0].startswith("Wanda"))
+    rows = [r for r in rows if r[0] != "dense" and not r[0].startswith("Wanda")]
+    fig, ax = plt.subplots(figsize=(10, 4.8))
+    colors = ["tab:green" if r[3].startswith("yes") else "tab:gray" for r in rows]
+    names = [textwrap.fill(r[0], 34) for r in rows]
+    ax.barh(names, [float(r[1]) for r in rows], color=colors)
+    ax.axvline(dense, color="k", ls="--", lw=1, label=f"dense {dense:.1f}")
+    ax.axvline(pruned, color="tab:red", ls="--", lw=1, label=f"Wanda 2:4 {pruned:.1f}")
+    ax.invert_yaxis()
+    ax.set_xlabel("held-out perplexity (lower is better); green rows stay 2:4 after merging")
+    ax.set_title("SmolLM2-135M pruned 2:4, same fine-tuning budget per row")
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    print(f"wrote {out}")
+
+
 def main() -> None:
+    if "--plot" in sys.argv:  # re-draw the figure from the committed table
+        plot(RESULTS / "sparse_quality.md", RESULTS / "sparse_quality.png")
+        return
     steps = int(os.environ.get("STEPS", 40))
     batch = int(os.environ.get("BATCH", 2))
     lr = float(os.environ.get("LR", 1e-3))
@@ -212,7 +238,7 @@ def main() -> None:
         ]
     )
     print(text)
-    write("sparse_quality.md", text)
+    plot(write("sparse_quality.md", text), RESULTS / "sparse_quality.png")
 
 
 if __name__ == "__main__":
