@@ -2,9 +2,10 @@
 
 Perplexity on held-out shakespeare (the 4 test plays, windows of 256 tokens) for the dense model,
 the pruned model, and the pruned model after the same fine-tuning budget with each method:
-LoRS exact gradients (the masked forward's true gradient: the same math as SQFT's masked LoRA,
-which differs only in what it keeps for backward), LoRS straight-through (the paper's), LoRS
-exact with the paper's gradient-SVD init, SPP, and plain LoRA (not sparse after merging; measured
+SQFT (masked LoRA: the same masked forward and true gradient as LoRS exact, with PEFT's
+alpha/r scaling; it differs from LoRS in what it keeps for backward), LoRS exact gradients
+(alpha/sqrt(r), the LoRS scripts' scaling), LoRS straight-through (the paper's), LoRS exact with
+the paper's gradient-SVD init, SPP, and plain LoRA (not sparse after merging; measured
 unmerged). Every row trains r=16 on all 7 projections with AdamW, cosine schedule, the same
 batches in the same order (shakespeare train windows). Then rotten-tomatoes: zero-shot accuracy
 of the pruned model and after a LoRS fine-tune at the demo's budget (test split).
@@ -27,7 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import PROJECTIONS, RESULTS, machine, pyplot, smollm2, table_rows, write  # noqa: E402
-from sparse_baselines import SPPLinear, replace  # noqa: E402
+from sparse_baselines import SPPLinear, SQFTLinear, replace  # noqa: E402
 from sparse_baselines import merge as merge_baseline  # noqa: E402
 
 import lorakit as lk  # noqa: E402
@@ -98,9 +99,14 @@ def spp(model, train_blocks):
     return replace(model, PROJECTIONS, SPPLinear)
 
 
+def sqft(model, train_blocks):
+    return replace(model, PROJECTIONS, lambda b: SQFTLinear(b, 16, 32))
+
+
 ROWS = {
     "SPP": spp,
-    "LoRS exact (= SQFT's math)": lors("exact"),
+    "SQFT (masked LoRA, scaling alpha/r)": sqft,
+    "LoRS exact (scaling alpha/sqrt(r))": lors("exact"),
     "LoRS straight-through": lors("straight_through"),
     "LoRS exact + gradient-SVD init": lors("exact", "gradient_svd"),
     "dense + LoRA (reference: the same budget without pruning)": lora,
