@@ -100,12 +100,14 @@ class LoRSFunction(torch.autograd.Function):
         need_ab = ctx.needs_input_grad[3] or ctx.needs_input_grad[4]
         exact = ctx.exact and need_ab
         dx = dA = dB = None
+        w_c = weight.to(cd)  # converted once (a no-op unless a 16-bit model computes in fp32)
         # The exact gradient needs M again: build it once for W' and the tiles.
-        mask = nonzero_mask(weight.to(cd)) if exact else None
+        mask = nonzero_mask(w_c) if exact else None
         if need_x:
-            w = masked_weight(weight, A, B, s, fifo, cd, mask)
+            w = masked_weight(w_c, A, B, s, fifo, cd, mask)
             dx = (g_c @ (w.t() if fifo else w)).to(x.dtype)  # (N, in)
             del w
+        del w_c
         if exact:
             m_oi = mask.t() if fifo else mask  # (out, in), a view
             dA = torch.zeros_like(A_c)
