@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 import lorakit as lk
+from lorakit import hardware
 from lorakit.models import load_model
 from lorakit.profile import MiB, count_saved
 
@@ -23,21 +24,17 @@ PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "
 
 
 def machine() -> str:
-    """One line describing where the numbers were taken."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    """One line describing where the numbers were taken: device, CPU model, the CPU's bf16 / fp16
+    / AMX flags, torch's CPU capability and the dtype 16-bit adapted layers compute in on CPU."""
     dev = (
         torch.cuda.get_device_name()
         if torch.cuda.is_available()
         else f"CPU, {torch.get_num_threads()} threads"
     )
-    return f"{dev} ({cpu}); torch {torch.__version__}; python {platform.python_version()}"
+    return (
+        f"{dev}; {hardware.cpu_model()}; {hardware.describe()}; "
+        f"torch {torch.__version__}; python {platform.python_version()}"
+    )
 
 
 def smollm2(dtype: torch.dtype) -> nn.Module:

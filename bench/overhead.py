@@ -3,8 +3,11 @@
 Batch 1, seq 512, r=16, alpha=32, all 7 projections, fp32 and bf16, in one run. A step is
 forward + backward + AdamW step. Saved activations are the unique storages autograd keeps for
 backward, parameters and buffers excluded (lorakit.profile). Timed steps alternate between peers.
+The table's machine line names the CPU, its bf16 / fp16 / AMX flags and the dtype lorakit's 16-bit
+layers compute in on it (lorakit.hardware), below it the lorakit / PEFT step-time ratio per dtype.
 
     .venv/bin/python bench/overhead.py            # STEPS=5 BF16_STEPS=3 SEQ=512 to change
+    .venv/bin/python bench/overhead.py --plot     # re-draw overhead.png from overhead.md
 """
 
 from __future__ import annotations
@@ -17,13 +20,16 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from common import (  # noqa: E402
     PROJECTIONS,
+    RESULTS,
     Peer,
     env_flag,
     fresh,
     machine,
     mib,
+    pyplot,
     run_interleaved,
     smollm2,
+    table_rows,
     write,
 )
 
@@ -49,11 +55,41 @@ def peers_for(base: torch.nn.Module, dtype: torch.dtype) -> list[Peer]:
     return peers
 
 
+def plot(md: Path, out: Path) -> None:
+    """Two panels from ``md``'s table: saved MiB per row and median step time of the timed rows,
+    each dtype's lorakit / PEFT ratio written on its lorakit bar."""
+    plt = pyplot()
+    rows = table_rows(md.read_text())
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    names = [f"{r[0]}: {r[1]}" for r in rows]
+    left.barh(names, [float(r[3]) for r in rows], color="tab:blue")
+    left.set_xlabel("saved for backward, MiB")
+    left.invert_yaxis()
+    timed = [r for r in rows if r[5] != "-"]
+    bars = right.barh([f"{r[0]}: {r[1]}" for r in timed], [float(r[5]) for r in timed])
+    for bar, r in zip(bars, timed, strict=True):
+        bar.set_color("tab:orange" if r[1].startswith("lorakit") else "tab:gray")
+        if r[1].startswith("lorakit"):
+            right.text(
+                bar.get_width(), bar.get_y() + bar.get_height() / 2, f" {r[6]} PEFT", va="center"
+            )
+    right.set_xscale("log")
+    right.set_xlabel("median step s (fwd + bwd + AdamW), log scale")
+    right.invert_yaxis()
+    fig.suptitle("lorakit LoRA vs PEFT LoRA, SmolLM2-135M, batch 1, seq 512, r=16, 7 projections")
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    print(f"wrote {out}")
+
+
 def main() -> None:
+    if "--plot" in sys.argv:  # re-draw the figure from the committed table
+        plot(RESULTS / "overhead.md", RESULTS / "overhead.png")
+        return
     torch.manual_seed(0)
     seq = env_flag("SEQ", 512)
     ids = torch.randint(0, 49152, (1, seq))  # content does not change memory or time
-    rows = []
+    rows, ratios = [], []
     for dtype, steps in (
         (torch.float32, env_flag("STEPS", 5)),
         (torch.bfloat16, env_flag("BF16_STEPS", 3)),
@@ -71,6 +107,11 @@ def main() -> None:
                 f"{p.saved_bytes / ref.saved_bytes:.2f}x | "
                 + (f"{p.median:.2f} | {p.median / ref.median:.2f}x |" if timed else "- | - |")
             )
+        ours = next(p for p in peers if p.name == "lorakit LoRA")
+        ratios.append(
+            f"- {name}: lorakit / PEFT median step time {ours.median:.2f} / {ref.median:.2f} s "
+            f"= **{ours.median / ref.median:.2f}x**"
+        )
         del base, peers
     table = "\n".join(
         [
@@ -86,12 +127,14 @@ def main() -> None:
             "|---|---|---:|---:|---:|---:|---:|",
             *rows,
             "",
+            *ratios,
+            "",
             "Command: `.venv/bin/python bench/overhead.py`",
             "",
         ]
     )
     print(table)
-    write("overhead.md", table)
+    plot(write("overhead.md", table), RESULTS / "overhead.png")
 
 
 if __name__ == "__main__":
