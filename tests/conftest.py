@@ -74,10 +74,29 @@ MODELS = {
 }
 
 
-def build(name: str, dtype: torch.dtype = torch.float32, seed: int = 0) -> nn.Module:
+def build(
+    name: str, dtype: torch.dtype = torch.float32, seed: int = 0, method: str = "lora"
+) -> nn.Module:
+    """A tiny model; pruned to 50 % (magnitude) when ``method`` needs a sparse base (LoRS)."""
+    import lorakit as lk
+
     torch.manual_seed(seed)
     model = MODELS[name][0]().to(dtype)
+    if lk.LoRAConfig(method=method).capabilities.sparse_base:
+        lk.prune(model, "magnitude", 0.5, progress=False)
     return model.eval()
+
+
+def targets_for(name: str, which: str, method: str = "lora"):
+    """ "all-linear", or the model's listed targets ("with-embedding"), without the embedding
+    (listed first) for methods that cannot adapt one."""
+    if which == "all-linear":
+        return "all-linear"
+    import lorakit as lk
+
+    listed = MODELS[name][1]
+    embedding = "embedding" in lk.LoRAConfig(method=method).capabilities.kinds
+    return listed if embedding else listed[1:]
 
 
 def logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
@@ -102,7 +121,7 @@ def model_name(request) -> str:
     return request.param
 
 
-METHODS = ["lora", "lora_fa"]
+METHODS = ["lora", "lora_fa", "lors"]
 
 
 @pytest.fixture(params=METHODS)

@@ -6,7 +6,7 @@ import copy
 
 import pytest
 import torch
-from conftest import MODELS, build, logits, perturb
+from conftest import build, logits, perturb, targets_for
 from torch import nn
 
 import lorakit as lk
@@ -14,15 +14,10 @@ import lorakit as lk
 TARGET_SETS = ["all-linear", "with-embedding"]
 
 
-def _targets(model_name: str, which: str):
-    return "all-linear" if which == "all-linear" else MODELS[model_name][1]
-
-
-def _injected(model_name, which="all-linear", dtype=torch.float32, **cfg):
-    base = build(model_name, dtype)
-    model = lk.inject(
-        copy.deepcopy(base), lk.LoRAConfig(targets=_targets(model_name, which), **cfg)
-    )
+def _injected(model_name, which="all-linear", dtype=torch.float32, method="lora", **cfg):
+    base = build(model_name, dtype, method=method)
+    targets = targets_for(model_name, which, method)
+    model = lk.inject(copy.deepcopy(base), lk.LoRAConfig(method=method, targets=targets, **cfg))
     return base, model
 
 
@@ -51,6 +46,11 @@ def test_merged_equals_unmerged(model_name, method, which, dtype, tol, ids):
     kinds = {type(m).__name__ for m in merged.modules()}
     assert "AdaptedLayer" not in kinds
     torch.testing.assert_close(logits(merged, ids), before, rtol=0, atol=tol)
+    if lk.LoRAConfig(method=method).capabilities.sparse_base:  # every pruned zero kept
+        base = build(model_name, dtype, method=method)
+        for p in lk.match_targets(base, targets_for(model_name, which, method)):
+            zeros = base.get_submodule(p).weight == 0
+            assert zeros.any() and not merged.get_submodule(p).weight[zeros].any(), p
 
 
 def test_merge_twice_is_noop(model_name, method, ids):
@@ -137,7 +137,7 @@ def test_exact_adapter_keys(model_name, method, which, tmp_path):
     from safetensors.torch import load_file
 
     base, model = _injected(model_name, which, method=method)
-    paths = lk.match_targets(base, _targets(model_name, which))
+    paths = lk.match_targets(base, targets_for(model_name, which, method))
     lk.save_adapter(model, tmp_path)
     keys = set(load_file(tmp_path / "adapter_model.safetensors"))
     expected = set()
@@ -160,10 +160,10 @@ def test_save_load_round_trip(model_name, method, which, ids, tmp_path):
     _, model = _injected(model_name, which, rank=4, alpha=8, method=method)
     perturb(model, scale=0.1)
     lk.save_adapter(model, tmp_path / "a")
-    loaded = lk.load_adapter(build(model_name), tmp_path / "a")
+    loaded = lk.load_adapter(build(model_name, method=method), tmp_path / "a")
     assert torch.equal(logits(loaded, ids), logits(model, ids))
     assert not any(p.requires_grad for p in loaded.parameters())
-    trainable = lk.load_adapter(build(model_name), tmp_path / "a", trainable=True)
+    trainable = lk.load_adapter(build(model_name, method=method), tmp_path / "a", trainable=True)
     assert lk.count_parameters(trainable)[0] == lk.count_parameters(model)[0]
 
 

@@ -10,7 +10,7 @@ from conftest import build, logits
 from torch import nn
 
 import lorakit as lk
-from lorakit.methods.lors import LoRSFunction
+from lorakit.methods.lors import LoRSFunction, pack_mask
 
 
 def _inputs(fifo: bool, dtype=torch.float64, n=5, d_in=8, d_out=6, r=3, seed=0):
@@ -28,7 +28,7 @@ def _inputs(fifo: bool, dtype=torch.float64, n=5, d_in=8, d_out=6, r=3, seed=0):
 def test_exact_gradcheck_float64(fifo):
     x, w, b, A, B = _inputs(fifo)
     assert torch.autograd.gradcheck(
-        lambda x, A, B: LoRSFunction.apply(x, w, b, A, B, 0.7, fifo, True), (x, A, B)
+        lambda x, A, B: LoRSFunction.apply(x, w, b, A, B, pack_mask(w), 0.7, fifo, True), (x, A, B)
     )
 
 
@@ -37,7 +37,7 @@ def test_exact_equals_autograd_of_masked_forward(fifo, monkeypatch):
     monkeypatch.setattr("lorakit.methods.lors.TILE_ELEMENTS", 20)  # tiles of 2 rows of 10
     x, w, b, A, B = _inputs(fifo, torch.float64, n=7, d_in=10, d_out=9, r=4)
     g = torch.randn(7, 9, dtype=torch.float64)
-    y = LoRSFunction.apply(x, w, b, A, B, 1.3, fifo, True)
+    y = LoRSFunction.apply(x, w, b, A, B, pack_mask(w), 1.3, fifo, True)
     got = torch.autograd.grad(y, (x, A, B), g)
     w_oi = w.t() if fifo else w
     x2, A2, B2 = (t.detach().clone().requires_grad_() for t in (x, A, B))
@@ -52,7 +52,7 @@ def test_straight_through_equals_its_formula():
     x, w, b, A, B = _inputs(False, torch.float64)
     g = torch.randn(5, 6, dtype=torch.float64)
     s = 0.9
-    y = LoRSFunction.apply(x, w, b, A, B, s, False, False)
+    y = LoRSFunction.apply(x, w, b, A, B, pack_mask(w), s, False, False)
     dx, dA, dB = torch.autograd.grad(y, (x, A, B), g)
     xd, Ad, Bd = x.detach(), A.detach(), B.detach()
     torch.testing.assert_close(dB, s * g.t() @ (xd @ Ad.t()))
@@ -159,3 +159,44 @@ def test_gradient_svd_init(method, ids):
         P = Vh[:3].t() @ Vh[:3]
         torch.testing.assert_close(A @ P, A, atol=1e-3, rtol=0)
         assert torch.count_nonzero(layer.adapters["default"].lora_B) == 0
+
+
+def test_dropout_refused():
+    with pytest.raises(ValueError, match=r"method 'lors' does not support dropout"):
+        lk.LoRAConfig(method="lors", dropout=0.1)
+
+
+def test_embedding_refused():
+    with pytest.raises(ValueError, match=r"method 'lors' cannot adapt model\.embed_tokens, a embe"):
+        lk.inject(_pruned_mlp(), lk.LoRAConfig(method="lors", targets=["embed_tokens", "q_proj"]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_pattern_survives_merge_unmerge_cycles(dtype, ids, tmp_path):
+    base = _pruned_mlp().to(dtype)
+    model = lk.inject(copy.deepcopy(base), lk.LoRAConfig(method="lors", rank=4))
+    with torch.no_grad():  # a large delta: W + ΔW rounds small kept weights away
+        for _, layer in lk.adapted_layers(model):
+            layer.adapters["default"].lora_B.normal_(0, 1.0)
+    zeros = {p: layer.weight == 0 for p, layer in lk.adapted_layers(model)}
+    lk.save_adapter(model, tmp_path / "before")
+    for _ in range(3):
+        for _, layer in lk.adapted_layers(model):
+            layer.merge()
+        with lk.disable_adapters(model):  # unmerges, then merges again
+            pass
+        for _, layer in lk.adapted_layers(model):
+            layer.unmerge()
+    for path, layer in lk.adapted_layers(model):
+        assert torch.equal(~layer.adapters["default"].pattern(), zeros[path]), path
+    lk.save_adapter(model, tmp_path / "after")
+    meta = [
+        __import__("safetensors").safe_open(str(tmp_path / d / "adapter_model.safetensors"), "pt")
+        .metadata()["lorakit_masks"]
+        for d in ("before", "after")
+    ]
+    assert meta[0] == meta[1]
+    lk.load_adapter(copy.deepcopy(base), tmp_path / "after")  # the pruned base still matches
+    lk.merge(model)
+    for path, mask in zeros.items():
+        assert not model.get_submodule(path).weight[mask].any(), path

@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import MODELS, build, logits, perturb
+from conftest import MODELS, build, logits, perturb, targets_for
 
 import lorakit as lk
 
@@ -20,18 +20,31 @@ def _targets(name: str, which: str):
 @pytest.mark.parametrize("which", ["all-linear", "with-embedding"])
 @pytest.mark.parametrize("rslora", [False, True])
 def test_peft_loads_ours(model_name, method, which, rslora, ids, tmp_path):
+    """PEFT either computes exactly what lorakit computes, or refuses the adapter."""
     model = lk.inject(
-        build(model_name),
+        build(model_name, method=method),
         lk.LoRAConfig(
-            method=method, rank=4, alpha=8, targets=_targets(model_name, which), use_rslora=rslora
+            method=method,
+            rank=4,
+            alpha=8,
+            targets=targets_for(model_name, which, method),
+            use_rslora=rslora,
         ),
     )
     perturb(model, scale=0.1)
     ours = logits(model, ids)
     lk.save_adapter(model, tmp_path)
-    peft_model = peft.PeftModel.from_pretrained(build(model_name), tmp_path)
-    peft_model.eval()
-    torch.testing.assert_close(logits(peft_model, ids), ours, rtol=0, atol=1e-5)
+    base = build(model_name, method=method)
+    if lk.LoRAConfig(method=method).capabilities.peft_exact:
+        peft_model = peft.PeftModel.from_pretrained(base, tmp_path)
+        peft_model.eval()
+        torch.testing.assert_close(logits(peft_model, ids), ours, rtol=0, atol=1e-5)
+    else:  # e.g. LoRS: PEFT would apply s·B A unmasked (dense logits, a dense merge)
+        with pytest.raises(KeyError, match=method.upper()):
+            peft.PeftModel.from_pretrained(base, tmp_path)
+    # lorakit itself round-trips every method exactly.
+    loaded = lk.load_adapter(build(model_name, method=method), tmp_path)
+    assert torch.equal(logits(loaded, ids), ours)
 
 
 @pytest.mark.parametrize("which", ["all-linear", "with-embedding"])

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .config import LoRAConfig
+from .config import CAPABILITIES, LoRAConfig
 from .fileio import atomic_write
 from .inject import (
     active_adapter,
@@ -44,6 +44,33 @@ _KEY = re.compile(
     r"^(?:base_model\.model\.)?(?P<path>.+?)\."
     r"(?:(?P<lin>lora_[AB])(?:\.[^.]+)?\.weight|(?P<emb>lora_embedding_[AB])(?:\.[^.]+)?)$"
 )
+
+
+# peft_type values lorakit reads: PEFT's LoRA, and the methods PEFT cannot compute (saved under
+# their own type so that PEFT refuses them).
+PEFT_TYPES = {"LORA"} | {m.upper() for m, c in CAPABILITIES.items() if not c.peft_exact}
+# adapter_config.json keys lorakit understands, each with the values it loads exactly (_ANY: any
+# value; the key selects layers or describes the run). Any other key is accepted only "off"
+# (_OFF): a key PEFT adds for a new variant is refused once someone switches it on.
+_ANY = None
+_OFF = (None, False, [], {})
+_UNDERSTOOD: dict[str, tuple | None] = {
+    **dict.fromkeys(
+        ("peft_type", "task_type", "auto_mapping", "peft_version", "base_model_name_or_path"),
+        _ANY,
+    ),
+    **dict.fromkeys(("revision", "inference_mode", "r", "lora_alpha", "lora_dropout"), _ANY),
+    **dict.fromkeys(("target_modules", "exclude_modules", "layers_to_transform"), _ANY),
+    **dict.fromkeys(("layers_pattern", "rank_pattern", "alpha_pattern", "modules_to_save"), _ANY),
+    **dict.fromkeys(("use_rslora", "fan_in_fan_out", "ensure_weight_tying"), _ANY),
+    # Settings of variants that are off: PEFT writes their defaults into every config.
+    **dict.fromkeys(("megatron_core", "qalora_group_size", "runtime_config"), _ANY),
+    "bias": ("none",),
+    # Initialisations that leave the base weights as they were (pissa, olora, loftq, corda,
+    # lora_ga change them; mica is a variant with its own forward).
+    "init_lora_weights": (True, False, "gaussian", "eva", "orthogonal"),
+    "eva_config": _ANY,  # used at initialisation only
+}
 
 
 def _peft_key(path: str, layer: AdaptedLayer, which: str) -> str:
@@ -121,7 +148,9 @@ def adapter_payload(
     alphas = Counter(c.alpha for c in configs.values())
     r, alpha = ranks.most_common(1)[0][0], alphas.most_common(1)[0][0]
     config: dict[str, Any] = {
-        "peft_type": "LORA",
+        # A method PEFT cannot compute gets its own peft_type, so PEFT (and vLLM, TGI) refuse it
+        # instead of applying s·B A the plain way; lorakit reads it back exactly.
+        "peft_type": "LORA" if first.capabilities.peft_exact else first.method.upper(),
         "task_type": _task_type(model),
         "base_model_name_or_path": getattr(getattr(model, "config", None), "_name_or_path", None),
         "r": r,
@@ -149,11 +178,12 @@ def adapter_payload(
     if first.adapter_dtype:
         metadata["lorakit_adapter_dtype"] = first.adapter_dtype
     if first.method == "lors":
-        # The mask is re-derived from the base weight's zeros; a fingerprint of each layer's zero
-        # pattern lets load_adapter refuse a differently pruned model.
         metadata["lorakit_sparse_grad"] = first.sparse_grad
+    if first.capabilities.sparse_base:
+        # The mask is the pruned base's zero pattern; a fingerprint of each layer's pattern lets
+        # load_adapter refuse a differently pruned model.
         metadata["lorakit_masks"] = json.dumps(
-            {p: mask_fingerprint(_whole(layer.weight)) for p, layer in layers}
+            {p: mask_fingerprint(layer.adapters[name].pattern()) for p, layer in layers}
         )
     return tensors, config, metadata
 
@@ -195,20 +225,26 @@ def _read_config(folder: Path) -> dict[str, Any]:
     if not isinstance(config, dict):
         raise ValueError(f"{file} must hold a JSON object, got {type(config).__name__}")
     peft_type = config.get("peft_type", "LORA")
-    if peft_type != "LORA":
-        raise ValueError(f"{file}: only LoRA adapters are supported, got peft_type={peft_type!r}")
-    unsupported = {
-        "use_dora": False,
-        "lora_bias": False,
-        "bias": "none",
-        "layer_replication": None,
-    }
-    for key, ok in unsupported.items():
-        if config.get(key, ok) not in (ok, [], {}):
-            raise ValueError(
-                f"{file}: {key}={config[key]!r} is not supported (lorakit loads plain LoRA "
-                f"adapters: {key} must be {ok!r})"
-            )
+    if peft_type not in PEFT_TYPES:
+        raise ValueError(
+            f"{file}: only LoRA adapters are supported, got peft_type={peft_type!r} "
+            f"(lorakit reads peft_type {sorted(PEFT_TYPES)})"
+        )
+    for key, value in config.items():
+        allowed = _UNDERSTOOD.get(key, _OFF)
+        if allowed is _ANY or any(value == a and type(value) is type(a) for a in allowed):
+            continue
+        why = (
+            f"{key} must be one of {list(allowed)}"
+            if key in _UNDERSTOOD
+            else "it switches on a LoRA variant lorakit does not implement"
+        )
+        raise ValueError(
+            f"{file}: {key}={value!r} is not supported ({why}; loading it as plain LoRA would "
+            f"compute something else). lorakit loads plain LoRA: rank/alpha patterns, rsLoRA, "
+            f"modules_to_save, embeddings, Conv1D, bias='none', init_lora_weights in "
+            f"{list(_UNDERSTOOD['init_lora_weights'])}"
+        )
     return config
 
 
@@ -262,6 +298,12 @@ def read_adapter(path: str | os.PathLike) -> AdapterFile:
         raise FileNotFoundError(f"adapter folder {folder} does not exist")
     config = _read_config(folder)
     tensors, metadata = _read_tensors(folder)
+    peft_type = config.get("peft_type", "LORA")
+    if peft_type != "LORA" and metadata.get("lorakit_method", "").upper() != peft_type:
+        raise ValueError(
+            f"{folder}: adapter_config.json says peft_type={peft_type!r} but "
+            f"{WEIGHTS_NAME} says method {metadata.get('lorakit_method')!r}; the folder is mixed up"
+        )
 
     # Group A/B tensors by module path.
     found: dict[str, dict[str, torch.Tensor]] = {}

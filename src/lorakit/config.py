@@ -10,7 +10,40 @@ from typing import Any, Literal
 import torch
 
 Method = Literal["lora", "lora_fa", "lors"]
-METHODS: tuple[str, ...] = ("lora", "lora_fa", "lors")
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a method supports. Declared once per method in :data:`CAPABILITIES` and enforced
+    where an adapter is configured (``LoRAConfig``), injected (``inject``, ``AdaptedLayer``)
+    and saved (``save_adapter``); a new method adds one line there."""
+
+    kinds: frozenset[str]  # layer kinds it adapts: "linear", "conv1d", "embedding"
+    dropout: bool  # implements LoRAConfig.dropout
+    trainable_base: bool  # the base weight/bias may also train (its backward computes dW)
+    peft_exact: bool  # PEFT's plain LoRA computes the same function from the saved A and B
+    sparse_base: bool  # keeps the base's zero pattern, so it needs a pruned base
+
+
+_ALL_KINDS = frozenset({"linear", "conv1d", "embedding"})
+CAPABILITIES: dict[str, Capabilities] = {
+    "lora": Capabilities(
+        _ALL_KINDS, dropout=True, trainable_base=True, peft_exact=True, sparse_base=False
+    ),
+    "lora_fa": Capabilities(
+        _ALL_KINDS, dropout=True, trainable_base=False, peft_exact=True, sparse_base=False
+    ),
+    # One GEMM with the masked W' = (W + s·B A) ⊙ M: no separate adapter input to drop, no dense
+    # W (so no embeddings, which are not pruned), and PEFT would apply s·B A unmasked.
+    "lors": Capabilities(
+        frozenset({"linear", "conv1d"}),
+        dropout=False,
+        trainable_base=False,
+        peft_exact=False,
+        sparse_base=True,
+    ),
+}
+METHODS: tuple[str, ...] = tuple(CAPABILITIES)
 INITS: tuple[str, ...] = ("kaiming", "gaussian")
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -52,6 +85,12 @@ class LoRAConfig:
             raise ValueError(f"alpha must be a positive number, got {self.alpha!r}")
         if not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be a float in [0, 1), got {self.dropout!r}")
+        if self.dropout and not self.capabilities.dropout:
+            with_dropout = [m for m, c in CAPABILITIES.items() if c.dropout]
+            raise ValueError(
+                f"method {self.method!r} does not support dropout (got dropout={self.dropout}); "
+                f"use dropout=0.0, or one of {with_dropout}"
+            )
         if self.init not in INITS:
             raise ValueError(f"init must be one of {list(INITS)}, got {self.init!r}")
         if self.bias != "none":
@@ -90,6 +129,11 @@ class LoRAConfig:
         object.__setattr__(self, "modules_to_save", tuple(mts))
         object.__setattr__(self, "alpha", float(self.alpha))
         object.__setattr__(self, "dropout", float(self.dropout))
+
+    @property
+    def capabilities(self) -> Capabilities:
+        """What this config's method supports."""
+        return CAPABILITIES[self.method]
 
     @property
     def scaling(self) -> float:

@@ -72,13 +72,14 @@ def describe_layers(model: nn.Module) -> str:
 def match_targets(model: nn.Module, targets: str | tuple[str, ...] | list[str]) -> list[str]:
     """Module paths selected by ``targets`` (see :class:`LoRAConfig`), in model order.
 
-    ``"all-linear"``: every Linear/Conv1D except the output head and classification heads.
+    ``"all-linear"``: every Linear/Conv1D except the output head, classification heads and
+    ``nn.MultiheadAttention.out_proj`` (MHA reads that weight directly; naming it is an error).
     A list: module-name suffixes (``"q_proj"`` matches ``model.layers.0.self_attn.q_proj``); each
     must match at least one layer. Any other string: a regex that must match the full path.
     """
     layers = _adaptable(model)
     if targets == ALL_LINEAR:
-        heads = _output_heads(model)
+        heads = _output_heads(model) | _weight_readers(model)
         found = [
             p
             for p, m in layers
@@ -121,6 +122,22 @@ def _check_rank(path: str, layer: nn.Module, config: LoRAConfig) -> None:
         )
 
 
+def _weight_readers(model: nn.Module) -> set[int]:
+    """ids of linear layers whose weight their parent reads directly, bypassing ``forward``:
+    ``nn.MultiheadAttention.out_proj`` (an adapter there would never run)."""
+    return {id(m.out_proj) for m in model.modules() if isinstance(m, nn.MultiheadAttention)}
+
+
+def _check_kind(path: str, layer: nn.Module, config: LoRAConfig) -> None:
+    kind = layer_kind(layer)
+    kinds = config.capabilities.kinds
+    if kind not in kinds:
+        raise ValueError(
+            f"method {config.method!r} cannot adapt {path}, a {kind} layer; it adapts "
+            f"{sorted(kinds)} layers (leave {path} out of targets, or use method='lora')"
+        )
+
+
 def add_adapter(
     model: nn.Module,
     paths: list[str],
@@ -135,20 +152,34 @@ def add_adapter(
         raise ValueError(f"adapter name must be a non-empty string without '.', got {name!r}")
     per_path = {p: configs if isinstance(configs, LoRAConfig) else configs[p] for p in paths}
     modules = {p: model.get_submodule(p) for p in paths}
+    readers = _weight_readers(model)
     for p, m in modules.items():
+        if id(m) in readers:
+            raise ValueError(
+                f"{p} is the out_proj of an nn.MultiheadAttention, which reads its weight "
+                f"directly (F.multi_head_attention_forward), so an adapter there would never run; "
+                f"leave it out of targets (all-linear already does)"
+            )
         if isinstance(m, AdaptedLayer) and name in m.adapters:
             raise ValueError(
                 f"layer {p} already has an adapter named {name!r}; "
                 f"use another name or delete_adapter(model, {name!r}) first"
             )
         _check_rank(p, m, per_path[p])
+        _check_kind(p, m, per_path[p])
+        if isinstance(m, AdaptedLayer) and m.merged and per_path[p].capabilities.sparse_base:
+            raise ValueError(
+                f"{per_path[p].method} captures the base's zero pattern when it is added, but "
+                f"{p} has {m.merged} merged into its weight; unmerge first"
+            )
         adapter_class(per_path[p].method)  # unknown / unimplemented methods fail here
-    lors = [p for p in paths if per_path[p].method == "lors"]
-    if lors and all(bool((modules[p].weight != 0).all()) for p in lors):
+    sparse = [p for p in paths if per_path[p].capabilities.sparse_base]
+    if sparse and all(bool((modules[p].weight != 0).all()) for p in sparse):
+        method = per_path[sparse[0]].method
         raise ValueError(
-            f"lors keeps a pruned model sparse, but none of the {len(lors)} target layers has a "
-            f"zero weight (e.g. {lors[0]}); prune first (lorakit.prune / lorakit prune) or use "
-            f"method='lora'"
+            f"{method} keeps a pruned model sparse, but none of the {len(sparse)} target layers "
+            f"has a zero weight (e.g. {sparse[0]}); prune first (lorakit.prune / lorakit prune) "
+            f"or use method='lora'"
         )
     users = Counter(id(t) for mod in model.modules() for t in mod.parameters(recurse=False))
     for p, m in modules.items():
@@ -159,14 +190,7 @@ def add_adapter(
         cfg = per_path[p]
         w = m.weight
         dtype = cfg.dtype or (w.dtype if w.is_floating_point() else torch.float32)
-        m.adapters[name] = adapter_class(cfg.method)(
-            m.in_features,
-            m.out_features,
-            cfg,
-            embedding=m.kind == "embedding",
-            dtype=dtype,
-            device=w.device,
-        )
+        m.adapters[name] = adapter_class(cfg.method)(m, cfg, dtype=dtype)
 
 
 def inject(model: nn.Module, config: LoRAConfig, name: str = "default") -> nn.Module:

@@ -80,7 +80,19 @@ class AdaptedLayer(nn.Module):
         name = self.active
         if name is None or self.disabled or name in self.merged:
             return self.base_forward(x)
-        return self.adapters[name](x, self)
+        adapter = self.adapters[name]
+        if torch.is_grad_enabled() and not adapter.config.capabilities.trainable_base:
+            self._check_frozen(adapter.config.method)
+        return adapter(x, self)
+
+    def _check_frozen(self, method: str) -> None:
+        """Refuse a trainable base weight/bias for methods whose backward cannot compute dW."""
+        if self.weight.requires_grad or (self.bias is not None and self.bias.requires_grad):
+            raise ValueError(
+                f"{method} keeps the base weight frozen (its backward does not keep what dW "
+                f"needs), but this {self.kind} layer's weight/bias requires grad; freeze them "
+                f"or use method='lora'"
+            )
 
     # -- merge -----------------------------------------------------------------------------
     def delta_weight(self, name: str) -> torch.Tensor:

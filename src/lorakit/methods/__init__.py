@@ -1,9 +1,12 @@
 """One file per method. Each defines an adapter module with the same small interface:
 
-- ``__init__(in_features, out_features, config, *, embedding, dtype, device)``
+- ``__init__(layer, config, *, dtype)``: an adapter for that :class:`~lorakit.layers.AdaptedLayer`
+  (its shapes, kind, device; LoRS also captures its zero pattern);
 - ``forward(x, layer) -> y``: the output of the adapted ``layer`` with this adapter active;
 - ``delta_weight(layer) -> ΔW`` (out, in): what ``merge`` adds to the weight;
-- ``lora_A`` (r, in) and ``lora_B`` (out, r): the tensors saved in PEFT's format.
+- ``lora_A`` (r, in) and ``lora_B`` (out, r): the tensors saved in PEFT's format;
+- ``config``: its :class:`~lorakit.config.LoRAConfig`, whose ``capabilities`` (declared in
+  ``lorakit.config.CAPABILITIES``) say what the method supports.
 """
 
 from __future__ import annotations

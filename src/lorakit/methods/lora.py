@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..hardware import cpu_compute_dtype
+
 if TYPE_CHECKING:
     from ..config import LoRAConfig
     from ..layers import AdaptedLayer
@@ -37,36 +39,27 @@ def init_lora_A(A: torch.Tensor, init: str) -> None:
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
-    """dtype an adapted layer computes in: float32 for 16-bit inputs on CPU, else x's dtype.
-
-    Under autocast, "x's dtype" is the autocast dtype (see :func:`layer_dtypes`).
-
-    CPUs without bf16 units run bf16 GEMMs about 10x slower than fp32 (measured here: (512x576)
-    @ (576x1536) 46 ms in bf16, 5.2 ms in fp32; skinny (512x1536) @ (1536x16) 8.1 ms vs 0.26 ms).
-    The upcast copies are transient, never saved for backward; products of 16-bit numbers are
-    exact in fp32, so this matches a 16-bit GEMM with fp32 accumulation up to summation order.
-    """
+    """dtype an adapted layer fed ``x`` computes in (see :func:`layer_dtypes`)."""
     return layer_dtypes(x)[1]
 
 
 def layer_dtypes(x: torch.Tensor) -> tuple[torch.dtype, torch.dtype]:
-    """(output dtype, compute dtype) of an adapted layer fed ``x``, honouring autocast."""
+    """(output dtype, compute dtype) of an adapted layer fed ``x``, honouring autocast.
+
+    The output dtype is x's dtype (the autocast dtype under autocast), and so is the compute
+    dtype except for 16-bit on CPU: there it is the dtype :func:`lorakit.hardware.cpu_compute_dtype`
+    chose once for this process from the CPU's flags, the 16-bit dtype itself on CPUs with bf16 /
+    fp16 units (``avx512_bf16``, AMX), float32 on CPUs without (their 16-bit GEMMs are several
+    times slower than fp32). Override with ``LORAKIT_CPU_COMPUTE=auto|float32|native`` or
+    :func:`lorakit.hardware.set_cpu_compute`. The fp32 copies are transient, never saved for
+    backward; products of 16-bit numbers are exact in fp32, so that path matches a 16-bit GEMM
+    with fp32 accumulation up to summation order. Here only a cached lookup runs per call.
+    """
     device = x.device.type
     out = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
     if device == "cpu" and out in (torch.bfloat16, torch.float16):
-        return out, torch.float32
+        return out, cpu_compute_dtype(out)
     return out, out
-
-
-def frozen_base(weight: torch.Tensor, bias: torch.Tensor | None, method: str) -> None:
-    """Refuse a trainable base weight in methods whose backward has no input to compute dW from."""
-    if torch.is_grad_enabled() and (
-        weight.requires_grad or (bias is not None and bias.requires_grad)
-    ):
-        raise ValueError(
-            f"{method} keeps the base weight frozen (its backward does not keep what dW needs); "
-            f"freeze the layer's weight/bias or use method='lora'"
-        )
 
 
 def add_low_rank(y: torch.Tensor, h: torch.Tensor, B: torch.Tensor, scaling: float) -> torch.Tensor:
@@ -165,16 +158,11 @@ class LoRA(nn.Module):
     """A trainable LoRA adapter for one linear or embedding layer."""
 
     def __init__(
-        self,
-        in_features: int,
-        out_features: int,
-        config: LoRAConfig,
-        *,
-        embedding: bool = False,
-        dtype: torch.dtype | None = None,
-        device: torch.device | str | None = None,
+        self, layer: AdaptedLayer, config: LoRAConfig, *, dtype: torch.dtype | None = None
     ) -> None:
         super().__init__()
+        in_features, out_features = layer.in_features, layer.out_features
+        embedding, device = layer.kind == "embedding", layer.weight.device
         r = config.rank
         self.config = config
         self.scaling = config.scaling

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from .lora import _base, embed_low_rank, frozen_base, init_lora_A, layer_dtypes
+from .lora import _base, embed_low_rank, init_lora_A, layer_dtypes
 
 if TYPE_CHECKING:
     from ..config import LoRAConfig
@@ -97,16 +97,11 @@ class LoRAFA(nn.Module):
     """A LoRA-FA adapter: ``lora_A`` is a frozen buffer, ``lora_B`` the only trained tensor."""
 
     def __init__(
-        self,
-        in_features: int,
-        out_features: int,
-        config: LoRAConfig,
-        *,
-        embedding: bool = False,
-        dtype: torch.dtype | None = None,
-        device: torch.device | str | None = None,
+        self, layer: AdaptedLayer, config: LoRAConfig, *, dtype: torch.dtype | None = None
     ) -> None:
         super().__init__()
+        in_features, out_features = layer.in_features, layer.out_features
+        device = layer.weight.device
         r = config.rank
         self.config = config
         self.scaling = config.scaling
@@ -132,7 +127,6 @@ class LoRAFA(nn.Module):
     def forward(self, x: torch.Tensor, layer: AdaptedLayer) -> torch.Tensor:
         if layer.kind == "embedding":  # backward keeps ids and the (N, r) rows of Aᵀ
             return embed_low_rank(x, layer, self.lora_A, self.lora_B, self.scaling)
-        frozen_base(layer.weight, layer.bias, "lora_fa")
         lead = x.shape[:-1]
         x2 = x.reshape(-1, x.shape[-1])  # (N, in)
         p = self.dropout if self.training else 0.0

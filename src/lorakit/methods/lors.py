@@ -1,7 +1,10 @@
 """LoRS: low-rank adaptation that keeps a pruned model exactly sparse (Hu et al. 2025, arXiv 2501.08582).
 
-The adapted weight is ``W' = (W + s·B A) ⊙ M`` with ``M = 1[W ≠ 0]`` re-derived from the frozen
-sparse weight (nothing stored), so every zero of W stays zero, in training and after merging.
+The adapted weight is ``W' = (W + s·B A) ⊙ M``. M is the pruned base's zero pattern, captured from
+W when the adapter is created and kept as a bitmask (1 bit per weight: 1/16 of a bf16 weight), so
+every zero of W stays zero, in training and after merging, and the pattern survives any number of
+merge / unmerge cycles (which in finite precision can round a kept weight to an exact 0, so the
+pattern cannot be re-derived from W after one).
 
 Weight recompute: forward builds W' transiently for one GEMM and saves only (x, W, A, B); backward
 rebuilds it for ``dx = G W'``. No weight-sized tensor lives from forward to backward.
@@ -25,7 +28,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from .lora import frozen_base, init_lora_A, layer_dtypes
+from .lora import init_lora_A, layer_dtypes
 
 if TYPE_CHECKING:
     from ..config import LoRAConfig
@@ -37,15 +40,26 @@ if TYPE_CHECKING:
 TILE_ELEMENTS = 1 << 22
 
 
-def nonzero_mask(w: torch.Tensor) -> torch.Tensor:
-    """M = [w ≠ 0] as 0/1 in w's dtype.
+_BIT = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8)
 
-    A float mask, written by the comparison itself: multiplying by it is branch-free and reads
-    one tensor. (A bool mask costs more on CPU with real pruning patterns: ``mul_`` by a bool
-    tensor first casts it to a weight-sized float temporary, and ``masked_fill_`` branches per
-    element, which a random 2:4 pattern mispredicts half the time: measured 2-4x slower.)
+
+def pack_mask(w: torch.Tensor) -> torch.Tensor:
+    """M = [w ≠ 0] packed 8 per byte: uint8 (ceil(numel / 8),), on w's device."""
+    flat = (w != 0).reshape(-1)
+    flat = torch.cat([flat, flat.new_zeros(-flat.numel() % 8)])
+    return flat.view(-1, 8).to(torch.uint8).mul_(_BIT.to(w.device)).sum(1, dtype=torch.uint8)
+
+
+def unpack_mask(bits: torch.Tensor, shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
+    """The 0/1 mask of :func:`pack_mask` in ``dtype`` and ``shape``.
+
+    Shift-and-mask, then one cast: about the cost of re-deriving it with ``torch.ne(w, 0)``. (A 0/1
+    mask in the weight's dtype is multiplied in branch-free; ``masked_fill_`` branches per element,
+    which a random 2:4 pattern mispredicts half the time: measured 2-4x slower.)
     """
-    return torch.ne(w, 0, out=torch.empty_like(w))
+    shifts = torch.arange(8, dtype=torch.uint8, device=bits.device)
+    m = torch.bitwise_right_shift(bits[:, None], shifts).bitwise_and_(1)  # (numel / 8, 8)
+    return m.reshape(-1)[: shape.numel()].to(dtype).view(shape)
 
 
 def masked_weight(
@@ -54,60 +68,62 @@ def masked_weight(
     B: torch.Tensor,
     s: float,
     fifo: bool,
-    dtype: torch.dtype,
-    mask: torch.Tensor | None = None,
+    mask: torch.Tensor,
 ) -> torch.Tensor:
-    """W' = (W + s·B A) ⊙ M in ``dtype``, in W's layout ((in, out) when fan_in_fan_out).
+    """W' = (W + s·B A) ⊙ M in M's dtype, in W's layout ((in, out) when fan_in_fan_out).
 
-    W + s·B A in one addmm, then one in-place multiply by M (``nonzero_mask`` of W unless given):
-    two weight-sized transients, the result and the mask. Pruned positions hold ±0.
+    W + s·B A in one addmm, then one in-place multiply by the 0/1 mask M: the result is the only
+    weight-sized tensor besides M. Pruned positions hold ±0.
     """
+    dtype = mask.dtype
     w = weight.to(dtype)
     A, B = A.to(dtype), B.to(dtype)
     out = torch.addmm(w, A.t(), B.t(), alpha=s) if fifo else torch.addmm(w, B, A, alpha=s)
-    return out.mul_(nonzero_mask(w) if mask is None else mask)
+    return out.mul_(mask)
 
 
 class LoRSFunction(torch.autograd.Function):
-    """y = x W'ᵀ + b with W' = (W + s·B A) ⊙ M, saving only x (W, A, B are parameters).
+    """y = x W'ᵀ + b with W' = (W + s·B A) ⊙ M, saving only x (W, A, B, M are parameters/buffers).
 
     Shapes: x (N, in), W (out, in) or (in, out) if fan_in_fan_out, A (r, in), B (out, r),
-    G = ∂L/∂y (N, out), M = [W ≠ 0].
+    bits: M packed by :func:`pack_mask` (M in W's layout), G = ∂L/∂y (N, out).
     forward:  W' built transiently; y = x W'ᵀ + b.
     backward: dx = G W' (W' rebuilt); adapter grads per ``exact`` (masked, tiled) or
               straight-through (unmasked, low-rank order), see the module docstring.
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, A, B, scaling: float, fan_in_fan_out: bool, exact: bool):
+    def forward(
+        ctx, x, weight, bias, A, B, bits, scaling: float, fan_in_fan_out: bool, exact: bool
+    ):
         out_dtype, cd = layer_dtypes(x)
         with torch.autocast(x.device.type, enabled=False):
-            w = masked_weight(weight, A, B, scaling, fan_in_fan_out, cd)
+            mask = unpack_mask(bits, weight.shape, cd)
+            w = masked_weight(weight, A, B, scaling, fan_in_fan_out, mask)
+            del mask
             x_c = x.to(cd)
             w_t = w if fan_in_fan_out else w.t()  # (in, out)
             y = x_c @ w_t if bias is None else torch.addmm(bias.to(cd), x_c, w_t)
-        ctx.save_for_backward(x, weight, A, B)
+        ctx.save_for_backward(x, weight, A, B, bits)
         ctx.scaling, ctx.fifo, ctx.exact, ctx.cd = scaling, fan_in_fan_out, exact, cd
         return y.to(out_dtype)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, g):
-        x, weight, A, B = ctx.saved_tensors
+        x, weight, A, B, bits = ctx.saved_tensors
         s, fifo, cd = ctx.scaling, ctx.fifo, ctx.cd
         g_c, x_c, A_c, B_c = g.to(cd), x.to(cd), A.to(cd), B.to(cd)
         need_x = ctx.needs_input_grad[0]
         need_ab = ctx.needs_input_grad[3] or ctx.needs_input_grad[4]
         exact = ctx.exact and need_ab
         dx = dA = dB = None
-        w_c = weight.to(cd)  # converted once (a no-op unless a 16-bit model computes in fp32)
-        # The exact gradient needs M again: build it once for W' and the tiles.
-        mask = nonzero_mask(w_c) if exact else None
+        # Built once for W' and the exact gradient's tiles.
+        mask = unpack_mask(bits, weight.shape, cd) if need_x or exact else None
         if need_x:
-            w = masked_weight(w_c, A, B, s, fifo, cd, mask)
+            w = masked_weight(weight, A, B, s, fifo, mask)
             dx = (g_c @ (w.t() if fifo else w)).to(x.dtype)  # (N, in)
             del w
-        del w_c
         if exact:
             m_oi = mask.t() if fifo else mask  # (out, in), a view
             dA = torch.zeros_like(A_c)
@@ -125,44 +141,39 @@ class LoRSFunction(torch.autograd.Function):
             dA = ((g_c @ B_c).t() @ x_c).mul_(s)
         if need_ab:
             dA, dB = dA.to(A.dtype), dB.to(B.dtype)
-        return dx, None, None, dA, dB, None, None, None
+        return dx, None, None, dA, dB, None, None, None, None
 
 
 class LoRS(nn.Module):
-    """A LoRS adapter: trainable A, B; the layer's zeros stay zeros."""
+    """A LoRS adapter: trainable A, B; the layer's zeros (captured as ``mask_bits``) stay zeros."""
 
     def __init__(
-        self,
-        in_features: int,
-        out_features: int,
-        config: LoRAConfig,
-        *,
-        embedding: bool = False,
-        dtype: torch.dtype | None = None,
-        device: torch.device | str | None = None,
+        self, layer: AdaptedLayer, config: LoRAConfig, *, dtype: torch.dtype | None = None
     ) -> None:
         super().__init__()
-        if embedding:
-            raise ValueError(
-                "lors adapts sparse linear layers; embeddings are not pruned (use lora)"
-            )
-        r = config.rank
+        r, device = config.rank, layer.weight.device
         self.config = config
         self.scaling = config.scaling
         self.exact = config.sparse_grad == "exact"
-        self.lora_A = nn.Parameter(torch.empty(r, in_features, dtype=dtype, device=device))
-        self.lora_B = nn.Parameter(torch.zeros(out_features, r, dtype=dtype, device=device))
+        self.lora_A = nn.Parameter(torch.empty(r, layer.in_features, dtype=dtype, device=device))
+        self.lora_B = nn.Parameter(torch.zeros(layer.out_features, r, dtype=dtype, device=device))
         with torch.no_grad():
             init_lora_A(self.lora_A, config.init)
+            # Not in the state dict: it is the base's pattern, re-captured from the pruned base.
+            self.register_buffer("mask_bits", pack_mask(layer.weight.detach()), persistent=False)
+        self.weight_shape = layer.weight.shape
+
+    def pattern(self) -> torch.Tensor:
+        """M as a bool tensor in the layer weight's layout."""
+        return unpack_mask(self.mask_bits, self.weight_shape, torch.bool)
 
     def delta_weight(self, layer: AdaptedLayer) -> torch.Tensor:
         """ΔW = (s·B A) ⊙ M, shape (out, in): merging adds it and keeps every zero."""
-        w = layer.weight.t() if layer.fan_in_fan_out else layer.weight  # (out, in)
         delta = (self.lora_B @ self.lora_A) * self.scaling
-        return delta * (w != 0).to(delta.dtype)
+        mask = unpack_mask(self.mask_bits, self.weight_shape, delta.dtype)
+        return delta * (mask.t() if layer.fan_in_fan_out else mask)
 
     def forward(self, x: torch.Tensor, layer: AdaptedLayer) -> torch.Tensor:
-        frozen_base(layer.weight, layer.bias, "lors")
         lead = x.shape[:-1]
         x2 = x.reshape(-1, x.shape[-1])
         y = LoRSFunction.apply(
@@ -171,6 +182,7 @@ class LoRS(nn.Module):
             layer.bias,
             self.lora_A,
             self.lora_B,
+            self.mask_bits,
             self.scaling,
             layer.fan_in_fan_out,
             self.exact,
