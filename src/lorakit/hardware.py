@@ -96,12 +96,23 @@ def policy() -> Policy:
     return value  # type: ignore[return-value]
 
 
-@functools.cache
-def cpu_compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype a layer fed 16-bit ``dtype`` on CPU computes in (cached: decided once).
+_chosen: dict[torch.dtype, torch.dtype] = {}  # this process's decisions, by input dtype
 
-    float32 and float64 compute in themselves.
+
+def cpu_compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype a layer fed ``dtype`` on CPU computes in (float32 / float64: themselves).
+
+    Decided on the first call per dtype, a plain dict lookup afterwards (which torch.compile
+    traces; a ``functools.cache`` wrapper it would not).
     """
+    cd = _chosen.get(dtype)
+    if cd is None:
+        cd = _chosen[dtype] = _decide(dtype)
+    return cd
+
+
+@torch.compiler.assume_constant_result
+def _decide(dtype: torch.dtype) -> torch.dtype:
     if dtype not in UNITS:
         return dtype
     mode = policy()
@@ -121,7 +132,7 @@ def set_cpu_compute(mode: Policy | None) -> None:
     if mode is not None and mode not in POLICIES:
         raise ValueError(f"CPU compute policy must be one of {', '.join(POLICIES)}, got {mode!r}")
     _override = mode
-    cpu_compute_dtype.cache_clear()
+    _chosen.clear()
 
 
 def describe() -> str:
