@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
 from conftest import build, logits, perturb
+from torch import nn
 
 import lorakit as lk
 
@@ -212,3 +214,63 @@ def test_failed_save_keeps_previous_file(saved, monkeypatch):
         lk.save_adapter(model, saved)
     assert (saved / "adapter_model.safetensors").read_bytes() == before
     assert not [p for p in saved.iterdir() if p.name.endswith(".tmp")]
+
+
+# Each switches on a PEFT LoRA variant lorakit does not implement: loading it as plain LoRA
+# would compute something else.
+PEFT_VARIANTS = {
+    "use_dora": True,
+    "lora_bias": True,
+    "alora_invocation_tokens": [1, 2],
+    "use_bdlora": True,
+    "kasa_config": {"k": 1},
+    "velora_config": {"v": 1},
+    "monteclora_config": {"m": 1},
+    "arrow_config": {"a": 1},
+    "use_qalora": True,
+    "layer_replication": [[0, 1]],
+    "trainable_token_indices": [3],
+    "target_parameters": ["w"],
+    "megatron_config": {"tp": 2},
+    "lora_ga_config": {"direction": "ArBr"},
+    "some_future_variant": True,
+    **{f"init_lora_weights={v}": v for v in ("pissa", "pissa_niter_4", "olora", "loftq")},
+    **{f"init_lora_weights={v}": v for v in ("corda", "lora_ga", "mica")},
+}
+
+
+@pytest.mark.parametrize("key", list(PEFT_VARIANTS))
+def test_load_refuses_peft_variants(saved, key):
+    value = PEFT_VARIANTS[key]
+    key = key.split("=")[0]
+    config = json.loads((saved / "adapter_config.json").read_text())
+    (saved / "adapter_config.json").write_text(json.dumps({**config, key: value}))
+    model = build("llama")
+    with pytest.raises(ValueError, match=rf"{key}={re.escape(repr(value))} is not supported"):
+        lk.load_adapter(model, saved)
+    assert not list(lk.adapted_layers(model))
+
+
+@pytest.mark.parametrize("init", [True, False, "gaussian", "eva", "orthogonal"])
+def test_load_accepts_inits_that_keep_the_base(saved, init, ids):
+    config = json.loads((saved / "adapter_config.json").read_text())
+    (saved / "adapter_config.json").write_text(json.dumps({**config, "init_lora_weights": init}))
+    assert list(lk.adapted_layers(lk.load_adapter(build("llama"), saved)))
+
+
+def test_multihead_attention_out_proj():
+    model = nn.Sequential(nn.TransformerEncoderLayer(16, 2, dim_feedforward=32, batch_first=True))
+    paths = lk.match_targets(model, "all-linear")
+    assert "0.self_attn.out_proj" not in paths and "0.linear1" in paths
+    with pytest.raises(ValueError, match=r"0\.self_attn\.out_proj is the out_proj of an nn\.Mult"):
+        lk.inject(model, lk.LoRAConfig(targets=["out_proj"]))
+    assert not list(lk.adapted_layers(model))
+    lk.inject(model, lk.LoRAConfig(rank=2))  # all-linear: the adapted layers all run
+    x = torch.randn(2, 5, 16)
+    model.train()
+    model(x).pow(2).mean().backward()
+    assert all(
+        p.grad is not None and p.grad.abs().sum() > 0
+        for _, layer in lk.adapted_layers(model)
+        for p in [layer.adapters["default"].lora_B]
+    )

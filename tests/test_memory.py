@@ -40,6 +40,8 @@ CASES = [  # (model, method, mlp mode, adapter dropout); GPT-2 has no gated MLP 
     *[("llama", m, "elementwise", 0.0) for m in ("lora", "lora_fa")],
     ("llama", "lora_fa", "recompute", 0.1),  # dropout masks regenerated in the recompute
     ("gpt2", "lora_fa", "recompute", 0.1),
+    ("llama", "lors", "recompute", 0.0),
+    ("gpt2", "lors", "recompute", 0.0),
 ]
 
 
@@ -47,7 +49,7 @@ CASES = [  # (model, method, mlp mode, adapter dropout); GPT-2 has no gated MLP 
 def test_same_loss_and_grads_fewer_bytes(name, method, mlp, dropout):
     torch.manual_seed(0)
     cfg = lk.LoRAConfig(method=method, rank=4, dropout=dropout)
-    base = lk.inject(build(name), cfg)
+    base = lk.inject(build(name, method=method), cfg)
     for m in base.modules():  # GPT-2's dropout would draw different masks in the two runs
         if isinstance(m, torch.nn.Dropout):
             m.p = 0.0
@@ -106,3 +108,55 @@ def test_mlp_recompute_keeps_only_the_mlp_input():
 def test_rejects_unknown_mlp_mode():
     with pytest.raises(ValueError, match=r"mlp='fast': expected one of"):
         lk.reduce_activation_memory(build("llama"), mlp="fast")
+
+
+@pytest.mark.parametrize("order", ["reduce_then_inject", "inject_then_reduce"])
+def test_adapted_lm_head_trains_in_either_order(order):
+    cfg = lk.LoRAConfig(rank=4, targets=["lm_head", "q_proj"])
+    ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(1))
+    plain = lk.inject(build("llama"), cfg)
+    torch.nn.init.normal_(plain.lm_head.adapters["default"].lora_B, std=0.05)
+    if order == "reduce_then_inject":
+        reduced = lk.reduce_activation_memory(build("llama"), chunk_size=7)
+        lk.inject(reduced, cfg)
+        reduced.load_state_dict(plain.state_dict())
+    else:
+        reduced = lk.reduce_activation_memory(copy.deepcopy(plain), chunk_size=7)
+    loss_a, loss_b = _loss(plain, ids), _loss(reduced, ids)
+    torch.testing.assert_close(loss_b, loss_a, rtol=0, atol=1e-5)
+    loss_a.backward()
+    loss_b.backward()
+    head_a, head_b = (m.lm_head.adapters["default"] for m in (plain, reduced))
+    assert head_b.lora_B.grad is not None and head_b.lora_B.grad.abs().sum() > 0
+    torch.testing.assert_close(head_b.lora_B.grad, head_a.lora_B.grad, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(head_b.lora_A.grad, head_a.lora_A.grad, rtol=1e-4, atol=1e-6)
+    # No (tokens x vocab) logits are kept for backward: the adapted head adds less than them.
+    no_head = lk.reduce_activation_memory(build("llama"), chunk_size=7)
+    lk.inject(no_head, cfg.replace(targets=["q_proj"]))
+    _, saved = lk.count_saved(reduced, lambda: _loss(reduced, ids))
+    _, saved_no_head = lk.count_saved(no_head, lambda: _loss(no_head, ids))
+    assert saved - saved_no_head < 2 * 15 * 128 * 4
+
+
+def test_chunked_loss_does_no_gradient_work_without_grad():
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class CountMM(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.mm = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.mm += func in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default)
+            return func(*args, **(kwargs or {}))
+
+    h = torch.randn(20, 8, requires_grad=True)
+    head = torch.nn.Linear(8, 30, bias=False)
+    labels = torch.randint(0, 30, (20,))
+    counts = {}
+    for grad in (True, False):
+        with torch.set_grad_enabled(grad), CountMM() as mode:
+            loss, _ = lk.memory.chunked_causal_lm_loss(h[None], head, labels[None], 7)
+        counts[grad] = mode.mm
+    assert counts[False] == 3  # one logits GEMM per chunk of 7 (19 predicted tokens), no dh
+    assert counts[True] == 6

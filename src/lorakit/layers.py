@@ -76,10 +76,15 @@ class AdaptedLayer(nn.Module):
             base.sparse,
         )
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward_adds_adapter(self) -> bool:
+        """True when ``forward`` runs an adapter on top of :meth:`base_forward`."""
         name = self.active
-        if name is None or self.disabled or name in self.merged:
+        return not (name is None or self.disabled or name in self.merged)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.forward_adds_adapter():
             return self.base_forward(x)
+        name = self.active
         adapter = self.adapters[name]
         if torch.is_grad_enabled() and not adapter.config.capabilities.trainable_base:
             self._check_frozen(adapter.config.method)

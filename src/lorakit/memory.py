@@ -110,10 +110,42 @@ def chunked_causal_lm_loss(
     h = hidden[:, :-1].reshape(-1, hidden.shape[-1])
     y = labels[:, 1:].reshape(-1)
     keep = (y != IGNORE).nonzero().squeeze(1)  # skip tokens without loss entirely
-    loss = LinearCrossEntropy.apply(
-        h.index_select(0, keep), head.weight, y.index_select(0, keep), chunk
-    )
-    return loss, int(keep.numel())
+    h, y = h.index_select(0, keep), y.index_select(0, keep)
+    if _adapter_active(head):
+        return _checkpointed_head_loss(h, head, y, chunk), int(keep.numel())
+    # No gradient work when nothing needs it (evaluation under no_grad, a frozen model).
+    grads = torch.is_grad_enabled() and (h.requires_grad or head.weight.requires_grad)
+    return LinearCrossEntropy.apply(h, head.weight, y, chunk, grads), int(keep.numel())
+
+
+def _adapter_active(head: nn.Module) -> bool:
+    """An adapted LM head whose adapter runs (its forward is more than ``h Wᵀ``)."""
+    from .layers import AdaptedLayer
+
+    return isinstance(head, AdaptedLayer) and head.forward_adds_adapter()
+
+
+def _head_chunk_loss(head: nn.Module, h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    z = head(h).float()  # (C, V)
+    return F.cross_entropy(z, y, reduction="sum", ignore_index=IGNORE)
+
+
+def _checkpointed_head_loss(
+    h: torch.Tensor, head: nn.Module, y: torch.Tensor, chunk: int
+) -> torch.Tensor:
+    """Summed loss through the head's own forward (an adapted head), chunk by chunk.
+
+    Each chunk's logits are recomputed in backward instead of kept, so the head's adapter gets
+    its gradient and still no (N, V) tensor is saved; it costs one more head GEMM per chunk.
+    """
+    total = h.new_zeros((), dtype=_acc(h))
+    for i in range(0, h.shape[0], chunk):
+        hc, yc = h[i : i + chunk], y[i : i + chunk]
+        if torch.is_grad_enabled():
+            total = total + _recompute(_head_chunk_loss, head, hc, yc)
+        else:
+            total = total + _head_chunk_loss(head, hc, yc)
+    return total
 
 
 # -- RMSNorm and SiLU·up -------------------------------------------------------------------------
@@ -279,7 +311,9 @@ def reduce_activation_memory(
 ) -> nn.Module:
     """Cut the activations a causal LM keeps for backward, in place; returns the model.
 
-    Call before or after :func:`lorakit.inject`; works with every method.
+    Call before or after :func:`lorakit.inject`; works with every method. An adapted LM head
+    (``targets=["lm_head"]``) is honoured in either order: its loss then runs through the head's
+    own forward, chunk by chunk, with each chunk's logits recomputed in backward.
 
     Args:
         model: an HF causal LM of the LLaMA family (LLaMA, SmolLM2, Qwen2, Mistral) or GPT-2.
@@ -303,10 +337,6 @@ def reduce_activation_memory(
         )
     if mlp not in MLP_MODES:
         raise ValueError(f"mlp={mlp!r}: expected one of {MLP_MODES}")
-    from .layers import AdaptedLayer
-
-    if chunked_loss and isinstance(model.lm_head, AdaptedLayer):
-        raise ValueError("chunked_loss uses the LM head's weight directly; it cannot be adapted")
     if chunked_loss and not hasattr(model, "_lorakit_dense_forward"):
         model._lorakit_dense_forward = model.forward
         model._lorakit_chunk = chunk_size
