@@ -285,3 +285,32 @@ def test_gradient_svd_init_in_training(tiny, data_file, tmp_path):
     assert summary["summary"]["steps"] == 2
     with pytest.raises(ValueError, match=r"init must be kaiming, gaussian or gradient_svd"):
         _cfg(tiny, data_file, tmp_path, init="orthogonal")
+
+
+def test_checkpoint_restores_the_cuda_rng_of_every_device(tiny, data_file, tmp_path, monkeypatch):
+    from conftest import build
+
+    import lorakit as lk
+
+    cfg = _cfg(tiny, data_file, tmp_path)
+    model = lk.inject(build("llama"), lk.LoRAConfig(rank=4))
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    # Two (faked) CUDA devices in use, each with its own generator state.
+    gens = {
+        0: torch.tensor([1, 2, 3], dtype=torch.uint8),
+        1: torch.tensor([4, 5], dtype=torch.uint8),
+    }
+    devices = [torch.device("cuda", 0), torch.device("cuda", 1)]
+    monkeypatch.setattr(train_mod, "_cuda_devices", lambda tensors: devices)
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda d: gens[d.index].clone())
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda s, d: gens.__setitem__(d.index, s))
+    train_mod.save_checkpoint(tmp_path / "ck", model, opt, sched, cfg, 3)
+    want = {i: g.clone() for i, g in gens.items()}
+    gens.update({0: torch.tensor([9], dtype=torch.uint8), 1: torch.tensor([8], dtype=torch.uint8)})
+    cpu = torch.get_rng_state()
+    torch.rand(3)  # the CPU generator moves on too
+    meta = json.loads((tmp_path / "ck" / "trainer_state.json").read_text())
+    assert train_mod.load_trainer_state(tmp_path / "ck", meta, opt, sched, cfg) == 3
+    assert all(torch.equal(gens[i], want[i]) for i in want)
+    assert torch.equal(torch.get_rng_state(), cpu)

@@ -13,9 +13,7 @@ import dataclasses
 import functools
 import json
 import math
-import os
 import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -39,6 +37,7 @@ from .evaluate import (
     to_device,
     token_losses,
 )
+from .fileio import atomic_folder
 from .inject import count_parameters, inject
 
 if TYPE_CHECKING:
@@ -365,15 +364,13 @@ def save_checkpoint(
         for k, v in st.items():
             v = full(v.detach()).cpu().contiguous() if torch.is_tensor(v) else torch.tensor(v)
             tensors[f"optim.{idx}.{k}"] = v
-    rngs = all_gather(torch.get_rng_state(), ctx)
+    rngs = all_gather(rng_states(model.parameters()), ctx)
     if not ctx.is_main:
         return
-    tensors["rng.torch"] = rngs[0]
-    for r, rng in enumerate(rngs[1:], start=1):
-        tensors[f"rng.torch.rank{r}"] = rng
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}-"))
-    try:
+    for r, states in enumerate(rngs):
+        for k, v in states.items():
+            tensors[f"rng.{k}" + (f".rank{r}" if r else "")] = v
+    with atomic_folder(folder) as tmp:
         if cfg.method == "full":
             save_file(weights, tmp / "weights.safetensors")
         else:
@@ -387,15 +384,6 @@ def save_checkpoint(
             "scheduler": {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"},
         }
         (tmp / "trainer_state.json").write_text(json.dumps(meta, indent=2))
-        old = folder.with_name(folder.name + ".old")
-        if folder.exists():
-            if old.exists():
-                shutil.rmtree(old)
-            os.replace(folder, old)
-        os.replace(tmp, folder)
-        shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def find_checkpoint(output: Path) -> Path | None:
@@ -465,12 +453,40 @@ def load_trainer_state(
     optimizer.load_state_dict(state)
     scheduler.load_state_dict({**meta["scheduler"], "lr_lambdas": [None]})
     step = int(meta["step"])
-    key = "rng.torch" if ctx.rank == 0 else f"rng.torch.rank{ctx.rank}"
-    if meta.get("world_size", 1) == ctx.world and key in tensors:
-        torch.set_rng_state(tensors[key])
-    else:
-        torch.manual_seed(cfg.seed * 1_000_003 + ctx.rank * 7_919 + step)
+    suffix = f".rank{ctx.rank}" if ctx.rank else ""
+    saved = {
+        k[4 : len(k) - len(suffix)]: v
+        for k, v in tensors.items()
+        if k.startswith("rng.") and k.endswith(suffix) and (suffix or ".rank" not in k)
+    }
+    if meta.get("world_size", 1) != ctx.world or not set_rng_states(saved, params):
+        torch.manual_seed(cfg.seed * 1_000_003 + ctx.rank * 7_919 + step)  # also seeds CUDA
     return step
+
+
+def _cuda_devices(tensors) -> list[torch.device]:
+    """The CUDA devices holding ``tensors``: their generators draw this process's dropout masks."""
+    return sorted({t.device for t in tensors if t.device.type == "cuda"}, key=lambda d: d.index)
+
+
+def rng_states(params) -> dict[str, torch.Tensor]:
+    """This process's RNG states: the CPU generator and that of every CUDA device in use."""
+    states = {"torch": torch.get_rng_state()}
+    for d in _cuda_devices(params):
+        states[f"cuda{d.index}"] = torch.cuda.get_rng_state(d)
+    return states
+
+
+def set_rng_states(states: dict[str, torch.Tensor], params) -> bool:
+    """Restore :func:`rng_states`; False (nothing restored) unless every generator now in use
+    has a saved state."""
+    devices = _cuda_devices(params)
+    if "torch" not in states or any(f"cuda{d.index}" not in states for d in devices):
+        return False
+    torch.set_rng_state(states["torch"])
+    for d in devices:
+        torch.cuda.set_rng_state(states[f"cuda{d.index}"], d)
+    return True
 
 
 # -- the loop -----------------------------------------------------------------------------------
