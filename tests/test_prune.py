@@ -156,3 +156,127 @@ def test_calibration_too_short():
         ValueError, match=r"calibration text has \d+ tokens, too short for 128 windows of 512"
     ):
         lk.prune(build("llama"), "wanda", 0.5, ["just a few words"], tokenizer=tok, progress=False)
+
+
+def _problem(rows=12, cols=64, tokens=256, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(tokens, cols, dtype=torch.float64, generator=g)
+    w = torch.randn(rows, cols, dtype=torch.float64, generator=g)
+    return w, 2 * x.t() @ x / tokens
+
+
+def test_sparsegpt_nm_group_size_not_dividing_block():
+    """1:3 on 192 columns with the default block of 128: groups must not straddle blocks."""
+    w, H = _problem(cols=192)
+    got = sparsegpt_prune(w, H, Sparsity.parse("1:3"))
+    assert int((got != 0).reshape(12, -1, 3).sum(-1).max()) == 1
+    assert int((got == 0).sum()) == 12 * 128
+    torch.testing.assert_close(got, _naive_obs(w, H, got == 0), rtol=1e-8, atol=1e-8)
+    # N:M masks are decided per group, so the block size must not change the result.
+    for block in (3, 64, 192):
+        got_b = sparsegpt_prune(w, H, Sparsity.parse("1:3"), block=block)
+        torch.testing.assert_close(got_b, got, rtol=1e-8, atol=1e-8)
+
+
+def test_sparsegpt_width_not_divisible():
+    w, H = _problem(cols=30)
+    with pytest.raises(ValueError, match=r"2:4 sparsity needs a width divisible by 4, got 30"):
+        sparsegpt_prune(w, H, Sparsity.parse("2:4"))
+    with pytest.raises(ValueError, match=r"weights must be \(out, 30\) to match H, got \(12, 29\)"):
+        sparsegpt_prune(w[:, :29], H, Sparsity.parse(0.5))
+
+
+@pytest.mark.parametrize("pattern", [0.5, "2:4", "1:3"])
+def test_sparsegpt_creates_tensors_on_h_device(pattern):
+    """Every tensor SparseGPT makes (the damping, the inverse, the masks) follows H's device; the
+    meta device stands in for a GPU here: mixing it with a CPU tensor raises."""
+    w = torch.empty(12, 96, device="meta")
+    H = torch.empty(96, 96, device="meta")
+    got = sparsegpt_prune(w, H, Sparsity.parse(pattern))
+    assert got.device.type == "meta" and got.shape == w.shape and got.dtype == w.dtype
+    stacked = sparsegpt_prune([w, w[:4]], H, Sparsity.parse(pattern))
+    assert [t.device.type for t in stacked] == ["meta", "meta"]
+
+
+@pytest.mark.parametrize("pattern", [0.5, "2:4"])
+def test_sparsegpt_stacked_equals_one_by_one(pattern):
+    """Weights sharing an input are solved as one stacked matrix, each with its own mask."""
+    w, H = _problem(rows=20)
+    w[12:] *= 10  # a layer of larger weights: a shared threshold would prune only the first
+    sp = Sparsity.parse(pattern)
+    a, b = sparsegpt_prune([w[:12], w[12:]], H, sp)
+    torch.testing.assert_close(a, sparsegpt_prune(w[:12], H, sp), rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(b, sparsegpt_prune(w[12:], H, sp), rtol=1e-10, atol=1e-10)
+    assert int((a == 0).sum()) == 12 * 32 and int((b == 0).sum()) == 8 * 32
+
+
+def test_sparsegpt_float32_close_to_float64():
+    w, H = _problem()
+    got = sparsegpt_prune(w.float(), H.float(), Sparsity.parse("2:4"))
+    assert got.dtype == torch.float32
+    want = sparsegpt_prune(w, H, Sparsity.parse("2:4"))
+    assert torch.equal(got == 0, want == 0)
+    torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4)
+
+
+def test_inverse_cholesky():
+    from lorakit.prune import _inverse_cholesky
+
+    _, H = _problem()
+    U = _inverse_cholesky(H)
+    assert torch.equal(U, U.triu())
+    torch.testing.assert_close(U, torch.linalg.cholesky(torch.linalg.inv(H), upper=True))
+
+
+def test_shared_inputs_are_grouped():
+    """q/k/v and gate/up read the same tensor: one statistic each, computed once."""
+    from lorakit.prune import _Calibration
+
+    model = build("llama")
+    block = model.model.layers[0]
+    layers = {p: m for p, m in block.named_modules() if p.endswith(PROJ)}
+    calib = _Calibration(layers, gram=True)
+    with torch.no_grad():
+        model(input_ids=_calib(2))
+        model(input_ids=_calib(3))
+    calib.close()
+    assert calib.groups() == {
+        "self_attn.q_proj": ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],
+        "self_attn.o_proj": ["self_attn.o_proj"],
+        "mlp.gate_proj": ["mlp.gate_proj", "mlp.up_proj"],
+        "mlp.down_proj": ["mlp.down_proj"],
+    }
+    assert calib.tokens["mlp.gate_proj"] == 5 * 16
+
+
+def test_sparsegpt_prune_matches_reference():
+    """Reference: for each block in turn, a full forward of the partly pruned model collects each
+    layer's H in float64; sparsegpt_prune on each layer on its own."""
+    model = build("llama")
+    ref = copy.deepcopy(model)
+    calib = _calib()
+    lk.prune(model, "sparsegpt", "2:4", calib, progress=False, batch_size=3)
+    for block in ref.model.layers:
+        xs: dict[str, list[torch.Tensor]] = {}
+        hooks = [
+            m.register_forward_hook(
+                lambda mod, a, o, n=n, xs=xs: xs.setdefault(n, []).append(
+                    a[0].reshape(-1, a[0].shape[-1])
+                )
+            )
+            for n, m in block.named_modules()
+            if n.endswith(PROJ)
+        ]
+        with torch.no_grad():
+            ref(input_ids=calib)
+        for h in hooks:
+            h.remove()
+        for n, m in block.named_modules():
+            if n.endswith(PROJ):
+                x = torch.cat(xs[n]).double()
+                new = sparsegpt_prune(m.weight, 2 * x.t() @ x / len(x), Sparsity.parse("2:4"))
+                with torch.no_grad():
+                    m.weight.copy_(new)
+    for (n, a), (_, b) in zip(_linears(model).items(), _linears(ref).items(), strict=True):
+        assert torch.equal(a.weight == 0, b.weight == 0), n
+        torch.testing.assert_close(a.weight, b.weight, rtol=1e-4, atol=1e-5)

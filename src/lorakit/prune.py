@@ -1,16 +1,33 @@
 """Pruning to unstructured or N:M sparsity: magnitude, Wanda, SparseGPT.
 
 - magnitude: drop the smallest |W| (per layer; N:M per group).
-- Wanda (Sun et al. 2023): score S_ij = |W_ij|·‖X_j‖₂ over calibration tokens; unstructured drops
-  the lowest fraction of each output row; no weight update.
-- SparseGPT (Frantar & Alistarh 2023): H = (2/n) Σ xᵀx with 1 % mean-diagonal dampening; columns
-  in blocks of 128; mask by w²/[H⁻¹]_jj² (per block for unstructured, per group for N:M); each
-  pruned column's error is propagated to the remaining columns (the OBS update) through the
-  upper Cholesky factor of H⁻¹.
+- Wanda (Sun et al. 2023, arXiv 2306.11695): score S_ij = |W_ij|·‖X_j‖₂ over calibration tokens;
+  unstructured drops the lowest fraction of each output row; no weight update.
+- SparseGPT (Frantar & Alistarh 2023, arXiv 2301.00774): H = (2/n) Σ xᵀx with 1 % mean-diagonal
+  dampening; columns in blocks of 128; mask by w²/[H⁻¹]_jj² (per block for unstructured, per
+  group for N:M); each pruned column's error is propagated to the remaining columns (the OBS
+  update) through the upper Cholesky factor of H⁻¹.
 
 "N:M" means at most N non-zeros in every M consecutive input weights of a row (2:4 = 50 %).
 Calibration is sequential, as in both papers: decoder block i sees the outputs of the already
-pruned blocks 0..i-1. Embeddings and the output head are never pruned.
+pruned blocks 0..i-1; within a block, all its layers are calibrated in one forward of the unpruned
+block and then pruned (the reference code's order). Embeddings and the output head are never pruned.
+
+How this differs from the reference code (locuslab/wanda ``lib/prune.py``, ``lib/sparsegpt.py``),
+compared on SmolLM2-135M by ``bench/prune.py`` (``bench/results/prune.md``):
+
+- Same algorithm, same masks up to ties: the reference prunes ``k + 1`` weights per SparseGPT
+  block and per magnitude layer (``<=`` its k-th value), lorakit exactly ``k``.
+- Speed, not results: calibration forwards run in batches (the reference: one window at a time);
+  layers that read the same input tensor (q/k/v, gate/up) share one statistic, accumulated once,
+  and SparseGPT solves them as one stacked matrix (rows are independent given H; each layer keeps
+  its own mask threshold), so a LLaMA block needs 4 solves, not 7; H⁻¹'s Cholesky factor comes
+  from one Cholesky and one triangular inverse (``cholesky_inverse`` was slow and erratic on
+  CPU); the OBS column loop updates 16-column sub-blocks and folds the rest in with one matmul.
+- Precision: statistics and solves in float32, as in the reference (float64 only for float64
+  inputs).
+- Block size 128 is kept for unstructured SparseGPT (it sets how adaptive the mask is); for N:M it
+  is rounded down to a multiple of M so a group never straddles two blocks (1:3 on 192 columns).
 """
 
 from __future__ import annotations
@@ -71,6 +88,8 @@ def mask_from_scores(scores: torch.Tensor, sp: Sparsity, per_row: bool = True) -
     """Boolean mask of weights to prune (True = set to zero) from scores (out, in)."""
     out_f, in_f = scores.shape
     if sp.m:
+        if in_f % sp.m:
+            raise ValueError(f"{sp} sparsity needs a width divisible by {sp.m}, got {in_f} columns")
         groups = scores.reshape(out_f, in_f // sp.m, sp.m)
         drop = groups.topk(sp.m - sp.n, dim=-1, largest=False).indices
         mask = torch.zeros_like(groups, dtype=torch.bool).scatter_(-1, drop, True)
@@ -88,44 +107,88 @@ def mask_from_scores(scores: torch.Tensor, sp: Sparsity, per_row: bool = True) -
     )
 
 
+def _inverse_cholesky(H: torch.Tensor) -> torch.Tensor:
+    """Upper-triangular U with H⁻¹ = Uᵀ U (the upper Cholesky factor of H⁻¹).
+
+    With J the exchange matrix (``flip``): J H J = L Lᵀ gives H = R Rᵀ with R = J L J upper, so
+    H⁻¹ = (R⁻¹)ᵀ R⁻¹ and U = R⁻¹ = J L⁻¹ J: one Cholesky and one triangular inverse.
+    """
+    L = torch.linalg.cholesky(H.flip(0, 1))  # raises if H is not positive definite
+    eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
+    return torch.linalg.solve_triangular(L, eye, upper=False).flip(0, 1)
+
+
 @torch.no_grad()
 def sparsegpt_prune(
-    w: torch.Tensor, H: torch.Tensor, sp: Sparsity, block: int = 128, damp: float = 0.01
-) -> torch.Tensor:
-    """SparseGPT on one weight (out, in) given H = (2/n) Σ xᵀx (in, in); returns the new weight."""
-    W = w.double().clone()
-    H = H.double().clone()
-    dead = torch.diag(H) == 0
-    H[dead, dead] = 1
-    W[:, dead] = 0
-    H += torch.eye(H.shape[0], dtype=H.dtype) * damp * torch.diag(H).mean()
-    Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
-    cols = W.shape[1]
+    w: torch.Tensor | Sequence[torch.Tensor],
+    H: torch.Tensor,
+    sp: Sparsity,
+    block: int = 128,
+    damp: float = 0.01,
+) -> torch.Tensor | list[torch.Tensor]:
+    """SparseGPT on one weight (out, in) given H = (2/n) Σ xᵀx (in, in); returns the new weight.
+
+    ``w`` may also be a list of weights that read the same input (q/k/v): they are solved as one
+    stacked matrix (rows are independent given H), each with its own mask threshold, which gives
+    the same result as one call per weight in fewer steps; a list of new weights is returned.
+    Computes in float32 (float64 if H is float64), on H's device.
+    """
+    weights = [w] if isinstance(w, torch.Tensor) else list(w)
+    cols = H.shape[0]
+    for x in weights:
+        if x.dim() != 2 or x.shape[1] != cols:
+            raise ValueError(f"weights must be (out, {cols}) to match H, got {tuple(x.shape)}")
+    if sp.m:
+        if cols % sp.m:
+            raise ValueError(f"{sp} sparsity needs a width divisible by {sp.m}, got {cols} columns")
+        block = max(sp.m, block // sp.m * sp.m)  # a group never straddles two blocks
+    step = max(sp.m, 16 // sp.m * sp.m) if sp.m else 16  # columns per rank-1 sub-block
+    dtype = torch.promote_types(H.dtype, torch.float32)
+    rows = [x.shape[0] for x in weights]
+    # Transposed, (in, rows): a column of W is a contiguous row here.
+    Wt = torch.cat([x.to(device=H.device, dtype=dtype).t() for x in weights], dim=1)
+    H = H.to(dtype, copy=True)
+    diag = H.diagonal()
+    dead = diag == 0  # inputs that were always zero: their weights never mattered
+    diag.masked_fill_(dead, 1)
+    Wt.masked_fill_(dead[:, None], 0)
+    diag.add_(damp * diag.mean())
+    U = _inverse_cholesky(H)  # (in, in) upper
     for i1 in range(0, cols, block):
         i2 = min(i1 + block, cols)
-        W1 = W[:, i1:i2].clone()
-        Q1 = torch.zeros_like(W1)
-        Err1 = torch.zeros_like(W1)
-        Hinv1 = Hinv[i1:i2, i1:i2]
-        d = torch.diag(Hinv1)
+        W1 = Wt[i1:i2]  # (count, rows), updated in place
+        U1 = U[i1:i2, i1:i2]
+        d = U1.diagonal()[:, None]  # (count, 1)
         if sp.m:  # decided group by group, on the weights as updated so far
-            mask1 = torch.zeros_like(W1, dtype=torch.bool)
+            drop = torch.zeros_like(W1, dtype=torch.bool)
         else:
-            mask1 = mask_from_scores(W1**2 / d[None] ** 2, sp, per_row=False)
-        for i in range(i2 - i1):
-            if sp.m and i % sp.m == 0:
-                scores = W1[:, i : i + sp.m] ** 2 / d[i : i + sp.m][None] ** 2
-                mask1[:, i : i + sp.m] = mask_from_scores(scores, sp)
-            w_col = W1[:, i]
-            q = w_col.clone()
-            q[mask1[:, i]] = 0
-            Q1[:, i] = q
-            err = (w_col - q) / Hinv1[i, i]
-            W1[:, i:] -= err[:, None] @ Hinv1[i, i:][None, :]
-            Err1[:, i] = err
-        W[:, i1:i2] = Q1
-        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
-    return W.to(w.dtype)
+            scores = (W1 / d).square().t()  # (rows, count)
+            drop = torch.cat(
+                [mask_from_scores(s, sp, per_row=False) for s in scores.split(rows)]
+            ).t()
+            scale = drop / d  # err = w * scale: the pruned part over [H⁻¹]_jj
+        err = torch.empty_like(W1)  # (count, rows)
+        for j1 in range(0, i2 - i1, step):
+            j2 = min(j1 + step, i2 - i1)
+            for j in range(j1, j2):
+                if sp.m and j % sp.m == 0:
+                    g = slice(j, j + sp.m)
+                    drop[g] = mask_from_scores((W1[g] / d[g]).square().t(), sp).t()
+                    scale_g = drop[g] / d[g]
+                s = scale_g[j % sp.m] if sp.m else scale[j]
+                torch.mul(W1[j], s, out=err[j])
+                if j + 1 < j2:
+                    W1[j + 1 : j2].addr_(U1[j, j + 1 : j2], err[j], alpha=-1)
+            if j2 < i2 - i1:
+                W1[j2:].addmm_(U1[j1:j2, j2:].t(), err[j1:j2], alpha=-1)
+        W1.masked_fill_(drop, 0)
+        if i2 < cols:
+            Wt[i2:].addmm_(U[i1:i2, i2:].t(), err, alpha=-1)
+    out = [
+        o.t().to(x.dtype, memory_format=torch.contiguous_format)
+        for o, x in zip(Wt.split(rows, dim=1), weights, strict=True)
+    ]
+    return out[0] if isinstance(w, torch.Tensor) else out
 
 
 def _blocks(model: nn.Module) -> nn.ModuleList:
@@ -146,23 +209,60 @@ class _Stop(Exception):
     pass
 
 
-class _InputStats:
-    """Accumulates a layer's calibration inputs from a forward hook: Σ x_j² per column (Wanda),
-    or H = (2/n) Σ xᵀx as a running mean over tokens (SparseGPT)."""
+class _Calibration:
+    """Forward hooks on a block's layers accumulating their calibration input statistics:
+    Σ_t x_tj² per input column (Wanda) or Σ_t x_tᵀ x_t (SparseGPT), in float32 (float64 for
+    float64 inputs). Layers fed the very same input tensor (q/k/v, gate/up) share one statistic,
+    computed once; ``groups`` lists them."""
 
-    def __init__(self, gram: bool) -> None:
-        self.gram, self.n, self.value = gram, 0, None
+    def __init__(self, layers: dict[str, nn.Module], gram: bool) -> None:
+        self.gram = gram
+        self.owner: dict[str, str] = {}  # layer -> first layer reading the same input
+        self.sums: dict[str, torch.Tensor] = {}
+        self.tokens: dict[str, int] = {}
+        self._last: tuple[torch.Tensor, str] | None = None  # keeps the tensor alive for `is`
+        self._handles = [m.register_forward_hook(self._hook(p)) for p, m in layers.items()]
 
-    def update(self, module: nn.Module, args: tuple, out: object) -> None:
-        x = args[0].reshape(-1, args[0].shape[-1]).double()  # (tokens, in)
-        if self.gram:
-            n = self.n + x.shape[0]
-            acc = 2 * x.t() @ x / n
-            self.value = acc if self.value is None else self.value * (self.n / n) + acc
-            self.n = n
+    def _hook(self, name: str):
+        def record(module: nn.Module, args: tuple, out: object) -> None:
+            x = args[0]
+            if self._last is not None and self._last[0] is x:
+                owner = self._last[1]
+            else:
+                owner = name
+                self._add(name, x)
+                self._last = (x, name)
+            if self.owner.setdefault(name, owner) != owner:
+                raise RuntimeError(f"{name} shared its input with another layer in one batch only")
+
+        return record
+
+    def _add(self, name: str, x: torch.Tensor) -> None:
+        x = x.reshape(-1, x.shape[-1])  # (tokens, in)
+        x = x.to(torch.promote_types(x.dtype, torch.float32))
+        # (in, in) Gram matrix, or (in,) squared column norms (one fused pass over x)
+        acc = x.t() @ x if self.gram else torch.linalg.vector_norm(x, dim=0).square()
+        if name in self.sums:
+            self.sums[name] += acc
+            self.tokens[name] += x.shape[0]
         else:
-            acc = (x**2).sum(0)
-            self.value = acc if self.value is None else self.value + acc
+            self.sums[name], self.tokens[name] = acc, x.shape[0]
+
+    def close(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._last = None
+
+    def groups(self) -> dict[str, list[str]]:
+        """First layer reading an input -> every layer reading it, in call order."""
+        out: dict[str, list[str]] = {}
+        for name, owner in self.owner.items():
+            out.setdefault(owner, []).append(name)
+        return out
+
+    def hessian(self, owner: str) -> torch.Tensor:
+        """H = (2/n) Σ xᵀx for the layers that ``owner`` heads."""
+        return self.sums[owner].mul_(2 / self.tokens[owner])
 
 
 def calibration_batches(
@@ -249,7 +349,7 @@ def prune(
     if method == "magnitude":
         for p in paths:
             w = _weight_oi(model.get_submodule(p))
-            w[mask_from_scores(w.abs().float(), sp, per_row=False)] = 0
+            w.masked_fill_(mask_from_scores(w.abs(), sp, per_row=False), 0)
         return {p: float((model.get_submodule(p).weight == 0).float().mean()) for p in paths}
 
     blocks = _blocks(model)
@@ -276,18 +376,26 @@ def prune(
         layers = {
             p: m for p, m in block.named_modules() if p and layer_kind(m) in ("linear", "conv1d")
         }
-        stats = {p: _InputStats(gram=method == "sparsegpt") for p in layers}
-        handles = [m.register_forward_hook(stats[p].update) for p, m in layers.items()]
-        for args, kwargs in inputs:
-            block(*args, **kwargs)
-        for h in handles:
-            h.remove()
-        for name, m in layers.items():
-            w = _weight_oi(m)
+        calib = _Calibration(layers, gram=method == "sparsegpt")
+        try:
+            for args, kwargs in inputs:
+                block(*args, **kwargs)
+        finally:
+            calib.close()
+        missing = [p for p in layers if p not in calib.owner]
+        if missing:
+            raise ValueError(f"{missing[0]} received no input in a calibration forward")
+        for owner, names in calib.groups().items():
+            weights = [_weight_oi(layers[p]) for p in names]
             if method == "wanda":  # ‖X_j‖₂ over all calibration tokens
-                w[mask_from_scores(w.abs().double() * stats[name].value.sqrt()[None], sp)] = 0
+                norm = calib.sums[owner].sqrt()[None]  # (1, in)
+                for w in weights:
+                    w.masked_fill_(mask_from_scores(w.abs() * norm, sp), 0)
             else:
-                w.copy_(sparsegpt_prune(w, stats[name].value, sp))
+                new = sparsegpt_prune(weights, calib.hessian(owner), sp)
+                for w, nw in zip(weights, new, strict=True):
+                    w.copy_(nw)
+        del calib
         # The next block sees this block's outputs after pruning.
         new_inputs = []
         for args, kwargs in inputs:
