@@ -227,3 +227,26 @@ def test_dropout_only_in_training(ids):
     a = logits(model, ids)
     torch.manual_seed(1)
     assert not torch.equal(a, logits(model, ids))
+
+
+@pytest.mark.parametrize("order", ["merge", "layer_merge_then_merge", "layer_merge_then_unload"])
+def test_tied_embedding_flag_follows_the_weights(tiny, order, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny)
+    assert model.config.tie_word_embeddings
+    ids = torch.randint(0, 100, (1, 8))
+    lk.inject(model, lk.LoRAConfig(rank=2, targets=["embed_tokens", "q_proj"]))
+    perturb(model, scale=0.1)
+    if order != "merge":
+        for _, layer in lk.adapted_layers(model):
+            layer.merge()
+    expected = logits(model, ids)
+    (lk.unload if order.endswith("unload") else lk.merge)(model)
+    tied = model.get_input_embeddings().weight is model.get_output_embeddings().weight
+    assert model.config.tie_word_embeddings == tied
+    model.save_pretrained(tmp_path / "m")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "m")
+    torch.testing.assert_close(logits(reloaded, ids), logits(model, ids), rtol=0, atol=1e-5)
+    if order != "layer_merge_then_unload":
+        torch.testing.assert_close(logits(model, ids), expected, rtol=0, atol=1e-5)

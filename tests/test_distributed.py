@@ -201,3 +201,18 @@ def test_injected_model_trains_under_accelerate_launch(tiny, tmp_path):
     assert "rank 0 of 2 done" in run.stdout and "rank 1 of 2 done" in run.stdout
     saved = read_adapter(tmp_path / "adapter")
     assert saved.weights and all(float(w["B"].abs().max()) > 0 for w in saved.weights.values())
+
+
+def test_ddp_wrap_works_with_the_keywords_of_older_torch(monkeypatch):
+    """Releases before 2.13 have no forward_sync_buffers; their broadcast_buffers is the same."""
+    seen = {}
+
+    class OldDDP(torch.nn.Module):
+        def __init__(self, module, device_ids=None, broadcast_buffers=True):
+            super().__init__()
+            seen.update(device_ids=device_ids, broadcast_buffers=broadcast_buffers)
+
+    monkeypatch.setattr(torch.nn.parallel, "DistributedDataParallel", OldDDP)
+    model = lk.inject(torch.nn.Sequential(torch.nn.Linear(4, 4)), lk.LoRAConfig(rank=2))
+    assert isinstance(distributed.wrap(model, "ddp", distributed.Context(world=2)), OldDDP)
+    assert seen == {"device_ids": None, "broadcast_buffers": False}

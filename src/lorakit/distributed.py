@@ -24,6 +24,7 @@ set-up rank r's RNG is reseeded with ``seed + r`` (it only draws dropout masks).
 from __future__ import annotations
 
 import contextlib
+import inspect
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -111,12 +112,15 @@ def wrap(model: nn.Module, strategy: str, ctx: Context) -> nn.Module:
     if strategy == "ddp":
         from torch.nn.parallel import DistributedDataParallel
 
-        # Buffers (LoRA-FA's A, rotary tables) are identical on every rank by construction:
-        # synced once at construction, never per forward.
+        # Buffers (LoRA-FA's A, LoRS's mask, rotary tables) are identical on every rank by
+        # construction: synced once at construction, never per forward. torch 2.13 renamed the
+        # keyword (broadcast_buffers is deprecated there); older releases only know the old one.
+        params = inspect.signature(DistributedDataParallel).parameters
+        sync = "forward_sync_buffers" if "forward_sync_buffers" in params else "broadcast_buffers"
         return DistributedDataParallel(
             model,
             device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None,
-            forward_sync_buffers=False,
+            **{sync: False},
         )
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
@@ -128,9 +132,10 @@ def wrap(model: nn.Module, strategy: str, ctx: Context) -> nn.Module:
             f"_no_split_modules; {type(model).__name__} declares none "
             f"({getattr(model, '_no_split_modules', None)!r}). Use --strategy ddp."
         )
-    from .methods.lora_fa import LoRAFA
+    from .inject import adapted_layers
 
-    if any(isinstance(m, LoRAFA) and m.config.grad_correction for m in model.modules()):
+    configs = [a.config for _, layer in adapted_layers(model) for a in layer.adapters.values()]
+    if any(c.grad_correction for c in configs):
         raise ValueError(
             "--grad-correction (LoRA-FA v2) hooks B's gradient, which FSDP2 replaces with a "
             "sharded tensor; use --strategy ddp with it"

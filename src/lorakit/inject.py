@@ -331,20 +331,29 @@ def merge(model: nn.Module, name: str | None = None) -> nn.Module:
     name = name or active_adapter(model)
     if name is not None and name not in adapter_names(model):
         raise ValueError(f"no adapter named {name!r}; the model has {adapter_names(model)}")
-    untied = False
     for path, layer in layers:
         if name in layer.adapters:
             if any(n != name for n in layer.merged):
                 layer.unmerge()
-            untied |= layer.shared_weight
             layer.merge(name)
         else:
             layer.unmerge()
         _replace(model, path, layer.unload())
-    config = getattr(model, "config", None)
-    if untied and getattr(config, "tie_word_embeddings", False):
-        config.tie_word_embeddings = False  # keep save_pretrained from re-tying them
+    _sync_tie_flag(model)
     return model
+
+
+def _sync_tie_flag(model: nn.Module) -> None:
+    """Make ``config.tie_word_embeddings`` say what the weights are: merging an adapter on a tied
+    embedding unties it (in :meth:`AdaptedLayer.merge`, whenever that ran), and
+    ``save_pretrained`` / a reload must not tie the head to the adapted embedding again."""
+    config = getattr(model, "config", None)
+    if not getattr(config, "tie_word_embeddings", False):
+        return
+    with contextlib.suppress(Exception):  # models without input / output embeddings
+        inp, out = model.get_input_embeddings(), model.get_output_embeddings()
+        if inp is not None and out is not None and inp.weight is not out.weight:
+            config.tie_word_embeddings = False
 
 
 def unload(model: nn.Module) -> nn.Module:
@@ -352,6 +361,7 @@ def unload(model: nn.Module) -> nn.Module:
     for path, layer in list(adapted_layers(model)):
         layer.unmerge()
         _replace(model, path, layer.unload())
+    _sync_tie_flag(model)
     return model
 
 
