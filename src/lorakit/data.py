@@ -599,10 +599,12 @@ def _vader_sdist() -> Path:
         if (folder / _VADER_SDIST).is_file():
             return folder / _VADER_SDIST
     target = _data_cache() / _VADER_SDIST
-    command = [sys.executable, "-m", "pip", "download", "--no-binary", ":all:", "--no-deps"]
-    command += [_VADER_PIN]
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".download-"))
+    # Hash-pinned: pip checks the file before it runs anything of the sdist (its metadata build).
+    (tmp / "requirements.txt").write_text(f"{_VADER_PIN} --hash=sha256:{_VADER_SHA256}\n")
+    command = [sys.executable, "-m", "pip", "download", "--no-binary", ":all:", "--no-deps"]
+    command += ["--require-hashes", "-r", str(tmp / "requirements.txt")]
     try:
         subprocess.run([*command, "-d", str(tmp)], check=True)
         os.replace(tmp / _VADER_SDIST, target)  # atomic: other processes never see a partial file
@@ -610,8 +612,10 @@ def _vader_sdist() -> Path:
         places = " or ".join(str(f) for f in _sdist_folders())
         raise FileNotFoundError(
             f"the {ROTTEN_TOMATOES!r} dataset needs {_VADER_SDIST} (the sdist, not the wheel), and "
-            f"downloading it failed ({e}); run `{' '.join(command[2:])} -d DIR` with pip and put "
-            f"the file in {places} (or point $LORAKIT_DATA at DIR)"
+            f"downloading it failed ({e}); run `pip download --no-binary :all: --no-deps "
+            f"--require-hashes -r requirements-data.txt -d DIR` (the file in lorakit's "
+            f"repository: {_VADER_PIN} --hash=sha256:{_VADER_SHA256}) and put the file in "
+            f"{places} (or point $LORAKIT_DATA at DIR)"
         ) from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
