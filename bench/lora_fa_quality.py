@@ -20,10 +20,12 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import machine, write  # noqa: E402
 
 from lorakit import data  # noqa: E402
+from lorakit.config import TrainConfig  # noqa: E402
 from lorakit.demo import DEMO  # noqa: E402
 from lorakit.evaluate import accuracy, classify  # noqa: E402
 from lorakit.models import load_model  # noqa: E402
-from lorakit.train import TrainConfig, classification_prompt, train  # noqa: E402
+from lorakit.tasks import classification_prompt  # noqa: E402
+from lorakit.train import train  # noqa: E402
 
 # (label, method, v2 gradient correction, learning rate; None: the demo's)
 ROWS = [
@@ -46,20 +48,22 @@ def main() -> None:
         template, words = classification_prompt(
             tok, data.label_names("rotten-tomatoes"), DEMO["prompt"]
         )
-        cfg = TrainConfig(
-            method=method,
-            grad_correction=corr,
-            rank=DEMO["rank"],
-            alpha=DEMO["alpha"],
-            max_steps=steps,
-            batch_size=DEMO["batch_size"],
-            lr=lr or DEMO["lr"],
-            max_len=DEMO["max_len"],
-            prompt=DEMO["prompt"],
-            eval_examples=64,
-            save_every=0,
-            progress=False,
-            output=tempfile.mkdtemp(prefix="lorakit-fa-"),
+        cfg = TrainConfig.from_flat(
+            dict(
+                method=method,
+                grad_correction=corr,
+                rank=DEMO["rank"],
+                alpha=DEMO["alpha"],
+                max_steps=steps,
+                batch_size=DEMO["batch_size"],
+                lr=lr or DEMO["lr"],
+                max_len=DEMO["max_len"],
+                prompt=DEMO["prompt"],
+                eval_examples=64,
+                save_every=0,
+                progress=False,
+                output=tempfile.mkdtemp(prefix="lorakit-fa-"),
+            )
         )
         summary = train(cfg, model=model, tokenizer=tok)["summary"]
         prompts = [template.replace("{text}", r["text"]) for r in test]

@@ -82,7 +82,7 @@ def lors(sparse_grad: str, init: str = "kaiming"):
         )
         lk.inject(model, cfg)
         if init == "gradient_svd":
-            from lorakit.methods.lors import gradient_svd_init
+            from lorakit import gradient_svd_init
 
             batches = [train_blocks[i : i + 2] for i in range(0, 16, 2)]
             gradient_svd_init(model, lambda m, b: m(input_ids=b, labels=b).loss / 8, batches)
@@ -115,8 +115,10 @@ ROWS = {
 
 
 def rotten_tomatoes(pruned, tok, steps: int) -> list[str]:
+    from lorakit.config import TrainConfig
     from lorakit.demo import DEMO
-    from lorakit.train import TrainConfig, classification_prompt, train
+    from lorakit.tasks import classification_prompt
+    from lorakit.train import train
 
     test = data.load_records("rotten-tomatoes", "test")
     template, words = classification_prompt(
@@ -127,12 +129,12 @@ def rotten_tomatoes(pruned, tok, steps: int) -> list[str]:
     model = copy.deepcopy(pruned)
     zero_shot = accuracy(classify(model, tok, prompts, words), labels)
     print(f"  RT zero-shot (pruned): {zero_shot:.1%}", flush=True)
-    cfg = TrainConfig(
+    cfg = TrainConfig.from_flat(dict(
         method="lors", rank=DEMO["rank"], alpha=DEMO["alpha"], max_steps=steps,
         batch_size=DEMO["batch_size"], lr=DEMO["lr"], max_len=DEMO["max_len"],
         prompt=DEMO["prompt"], eval_examples=64, save_every=0, progress=False,
         output=tempfile.mkdtemp(prefix="lorakit-sq-"),
-    )  # fmt: skip
+    ))  # fmt: skip
     summary = train(cfg, model=model, tokenizer=tok)["summary"]
     tuned = accuracy(classify(model, tok, prompts, words), labels)
     lk.merge(model)

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from lorakit import data
+from lorakit.data import builtin
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +66,7 @@ def test_rotten_tomatoes_sizes_labels_and_splits():
         "validation": 1057,
         "test": 1057,
     }
-    full = data._rotten_tomatoes()  # the file order, before splitting
+    full = builtin.rotten_tomatoes()  # the file order, before splitting
     assert len(full) == 10568  # 10,605 snippets less 37 scored exactly 0
     assert sum(r["label"] for r in full) == 5242
     idx = data.split_indices(len(full), seed=0)
@@ -103,8 +104,8 @@ def test_strip_gutenberg_boilerplate():
         "*** START OF THIS PROJECT GUTENBERG EBOOK HAMLET ***\n\nHAMLET\nTo be.\n\n"
         "*** END OF THIS PROJECT GUTENBERG EBOOK HAMLET ***\nmore license\n"
     )
-    assert data._strip_gutenberg(text) == "HAMLET\nTo be."
-    assert data._strip_gutenberg("  no markers\n") == "no markers"
+    assert builtin._strip_gutenberg(text) == "HAMLET\nTo be."
+    assert builtin._strip_gutenberg("  no markers\n") == "no markers"
 
 
 @pytest.fixture
@@ -120,7 +121,7 @@ def empty_places(tmp_path, monkeypatch):
         calls.append((cmd, Path(reqs).read_text() if reqs else ""))
         raise subprocess.CalledProcessError(1, cmd)
 
-    monkeypatch.setattr(data.subprocess, "run", fail)
+    monkeypatch.setattr(builtin.subprocess, "run", fail)
     return calls
 
 
@@ -130,7 +131,7 @@ def test_rotten_tomatoes_download_failure_says_what_to_run(empty_places):
     (cmd, reqs), *_ = empty_places
     # pip verifies the sdist's hash before it runs anything of the package
     assert "--require-hashes" in cmd
-    assert reqs.strip() == f"vaderSentiment==3.3.2 --hash=sha256:{data._VADER_SHA256}"
+    assert reqs.strip() == f"vaderSentiment==3.3.2 --hash=sha256:{builtin._VADER_SHA256}"
 
 
 def test_makefile_and_library_pin_the_same_sdist():
@@ -140,23 +141,23 @@ def test_makefile_and_library_pin_the_same_sdist():
         for line in (repo / "requirements-data.txt").read_text().splitlines()
         if line.strip() and not line.startswith("#")
     ]
-    assert pins == [f"{data._VADER_PIN} --hash=sha256:{data._VADER_SHA256}"]
+    assert pins == [f"{builtin._VADER_PIN} --hash=sha256:{builtin._VADER_SHA256}"]
     assert "--require-hashes -r requirements-data.txt" in (repo / "Makefile").read_text()
 
 
 @pytest.fixture(scope="module")
 def real_sdist() -> Path:
-    return data._vader_sdist()  # module scope: found before empty_places hides it
+    return builtin._vader_sdist()  # module scope: found before empty_places hides it
 
 
 def test_rotten_tomatoes_from_lorakit_data_folder(tmp_path, monkeypatch, real_sdist, empty_places):
     folder = tmp_path / "d"
     folder.mkdir()
-    shutil.copy(real_sdist, folder / data._VADER_SDIST)
+    shutil.copy(real_sdist, folder / builtin._VADER_SDIST)
     monkeypatch.setenv("LORAKIT_DATA", str(folder))
     records = data.load_records("rotten-tomatoes", "test")
     assert len(records) == 1057 and not empty_places
-    cached = tmp_path / "cache" / "data" / data._RT_CACHE
+    cached = tmp_path / "cache" / "data" / builtin._RT_CACHE
     assert len(json.loads(cached.read_text())["records"]) == 10568
     cached.write_text("{broken")  # a damaged cache is rebuilt, not trusted
     assert data.load_records("rotten-tomatoes", "test") == records
@@ -165,7 +166,7 @@ def test_rotten_tomatoes_from_lorakit_data_folder(tmp_path, monkeypatch, real_sd
 def test_rotten_tomatoes_rejects_wrong_sdist(tmp_path, monkeypatch, empty_places):
     folder = tmp_path / "d"
     folder.mkdir()
-    write(folder / data._VADER_SDIST, "not a tarball")
+    write(folder / builtin._VADER_SDIST, "not a tarball")
     monkeypatch.setenv("LORAKIT_DATA", str(folder))
     with pytest.raises(ValueError, match="is not the vaderSentiment==3.3.2 sdist: sha256"):
         data.load_records("rotten-tomatoes")
@@ -407,20 +408,25 @@ def test_encode_errors(tok):
         data.encode_examples([{"body": "x"}], tok, 8)
 
 
-# --- collate ------------------------------------------------------------------------------------
+# --- collate (the one the training loop uses: lorakit.tasks.collate) ---------------------------
 
 
-def test_collate_right_pads():
+def test_collate_left_pads_language_examples_and_right_pads_classification():
+    from lorakit.tasks import collate
+
     batch = [
         {"input_ids": [5, 6, 7], "labels": [-100, 6, 7]},
         {"input_ids": [8], "labels": [8]},
     ]
-    out = data.collate(batch, pad_id=0)
-    assert out["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
-    assert out["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
-    assert out["labels"].tolist() == [[-100, 6, 7], [8, -100, -100]]
+    out = collate(batch, pad_id=0)
+    assert out["input_ids"].tolist() == [[5, 6, 7], [0, 0, 8]]
+    assert out["attention_mask"].tolist() == [[1, 1, 1], [0, 0, 1]]
+    # pads and each row's first token (predicted by nothing) carry no loss
+    assert out["labels"].tolist() == [[-100, 6, 7], [-100, -100, -100]]
     assert all(t.dtype == torch.long for t in out.values())
+    cls = collate([{"input_ids": [5, 6], "label": 1}, {"input_ids": [7], "label": 0}], pad_id=0)
+    assert cls["input_ids"].tolist() == [[5, 6], [7, 0]] and cls["labels"].tolist() == [1, 0]
     with pytest.raises(ValueError, match="example 0 has 2 input_ids and 1 labels"):
-        data.collate([{"input_ids": [1, 2], "labels": [1]}], pad_id=0)
+        collate([{"input_ids": [1, 2], "labels": [1]}], pad_id=0)
     with pytest.raises(ValueError, match="empty batch"):
-        data.collate([], pad_id=0)
+        collate([], pad_id=0)

@@ -61,11 +61,11 @@ def _torchrun(args: list[str], nproc: int = 2, **kw) -> subprocess.CompletedProc
 
 def _single(setup, method: str, out: Path, steps: int = 4) -> dict:
     model, data = setup
-    cfg = TrainConfig(
+    cfg = TrainConfig.from_flat(dict(
         model=str(model), data=str(data), val_data=str(data), method=method, rank=4, alpha=8,
         batch_size=4, micro_batch_size=1, lr=5e-3, max_len=64, save_every=2, progress=False,
         eval_examples=7, max_steps=steps, output=str(out),
-    )  # fmt: skip
+    ))  # fmt: skip
     return train(cfg)["summary"]
 
 
@@ -97,7 +97,8 @@ def test_ddp_and_fsdp_equal_one_process(setup, tmp_path, method):
         assert [json.loads(r)["step"] for r in rows] == [1, 2, 3, 4]
         assert run.stdout.count("Training summary") == 1
         assert sorted(p.name for p in out.iterdir()) == [
-            "adapter", "checkpoint", "loss.png", "metrics.csv", "metrics.jsonl", "summary.json",
+            "adapter", "checkpoint", "config.yaml", "loss.png", "metrics.csv", "metrics.jsonl",
+            "summary.json",
         ]  # fmt: skip
 
 

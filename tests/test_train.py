@@ -14,6 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from lorakit import checkpoint, tasks
 from lorakit import train as train_mod
 from lorakit.train import TrainConfig, find_checkpoint, train
 
@@ -42,7 +43,7 @@ def _cfg(tiny, data_file, out, **kw) -> TrainConfig:
         micro_batch_size=2, lr=5e-3, max_len=64, save_every=2, output=str(out), progress=False,
     )  # fmt: skip
     base.update(kw)
-    return TrainConfig(**base)
+    return TrainConfig.from_flat(base)
 
 
 def _adapter(out: Path) -> dict[str, torch.Tensor]:
@@ -59,6 +60,7 @@ def test_runs_and_writes_everything(tiny, data_file, tmp_path):
         "metrics.csv",
         "loss.png",
         "summary.json",
+        "config.yaml",
         "checkpoint/trainer_state.json",
     ):
         assert (out / name).exists(), name
@@ -169,7 +171,7 @@ def test_resume_without_checkpoint(tiny, data_file, tmp_path):
 
 def test_nan_loss_stops_and_keeps_checkpoint(tiny, data_file, tmp_path, monkeypatch):
     out = tmp_path / "run"
-    real = train_mod.token_losses
+    real = tasks.token_losses
     calls = {"n": 0}
 
     def poisoned(model, batch):
@@ -177,7 +179,7 @@ def test_nan_loss_stops_and_keeps_checkpoint(tiny, data_file, tmp_path, monkeypa
         loss, n = real(model, batch)
         return (loss * float("nan") if calls["n"] > 6 else loss), n  # step 4 (2 micro-batches/step)
 
-    monkeypatch.setattr(train_mod, "token_losses", poisoned)
+    monkeypatch.setattr(tasks, "token_losses", poisoned)
     with pytest.raises(
         FloatingPointError,
         match=r"loss is nan at step 4; stopping before the optimizer step\. The last good checkpoint is .*checkpoint",
@@ -302,15 +304,36 @@ def test_checkpoint_restores_the_cuda_rng_of_every_device(tiny, data_file, tmp_p
         1: torch.tensor([4, 5], dtype=torch.uint8),
     }
     devices = [torch.device("cuda", 0), torch.device("cuda", 1)]
-    monkeypatch.setattr(train_mod, "_cuda_devices", lambda tensors: devices)
+    monkeypatch.setattr(checkpoint, "_cuda_devices", lambda tensors: devices)
     monkeypatch.setattr(torch.cuda, "get_rng_state", lambda d: gens[d.index].clone())
     monkeypatch.setattr(torch.cuda, "set_rng_state", lambda s, d: gens.__setitem__(d.index, s))
-    train_mod.save_checkpoint(tmp_path / "ck", model, opt, sched, cfg, 3)
+    checkpoint.save_checkpoint(tmp_path / "ck", model, opt, sched, cfg, 3)
     want = {i: g.clone() for i, g in gens.items()}
     gens.update({0: torch.tensor([9], dtype=torch.uint8), 1: torch.tensor([8], dtype=torch.uint8)})
     cpu = torch.get_rng_state()
     torch.rand(3)  # the CPU generator moves on too
     meta = json.loads((tmp_path / "ck" / "trainer_state.json").read_text())
-    assert train_mod.load_trainer_state(tmp_path / "ck", meta, opt, sched, cfg) == 3
+    assert checkpoint.load_trainer_state(tmp_path / "ck", meta, opt, sched, cfg) == 3
     assert all(torch.equal(gens[i], want[i]) for i in want)
     assert torch.equal(torch.get_rng_state(), cpu)
+
+
+def test_checkpoint_of_the_older_flat_config_still_resumes(tiny, data_file, tmp_path, monkeypatch):
+    """Checkpoints written before the adapter's options moved into TrainConfig.adapter."""
+    out = tmp_path / "run"
+    with monkeypatch.context() as m:
+        _crash_at_call(m, 6, KeyboardInterrupt())  # dies during step 3, checkpoint at step 2
+        with pytest.raises(KeyboardInterrupt):
+            train(_cfg(tiny, data_file, out, max_steps=4))
+    state_file = out / "checkpoint" / "trainer_state.json"
+    state = json.loads(state_file.read_text())
+    old_keys = [
+        "model", "data", "val_data", "method", "rank", "alpha", "dropout", "targets",
+        "grad_correction", "reduce_memory", "checkpointing", "init", "init_samples", "task",
+        "prompt", "max_steps", "batch_size", "micro_batch_size", "lr", "warmup", "schedule",
+        "weight_decay", "max_grad_norm", "dtype", "seed", "max_len", "eval_every",
+        "eval_examples", "save_every", "output", "progress", "device", "strategy",
+    ]  # fmt: skip
+    state["config"] = {k: state["config"][k] for k in old_keys}
+    state_file.write_text(json.dumps(state))
+    assert train(_cfg(tiny, data_file, out, max_steps=4), resume=True)["summary"]["steps"] == 4

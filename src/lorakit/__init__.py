@@ -11,6 +11,7 @@ model = lk.merge(model)                     # plain layers again
 
 from .adapters import load_adapter, save_adapter
 from .config import LoRAConfig
+from .gradient_init import gradient_svd_init
 from .inject import (
     active_adapter,
     adapted_layers,
@@ -26,7 +27,6 @@ from .inject import (
 )
 from .layers import AdaptedLayer
 from .memory import reduce_activation_memory
-from .methods.lors import gradient_svd_init
 from .profile import count_saved, profile_steps
 from .prune import prune
 

@@ -3,170 +3,137 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
 import time
+import typing
 from pathlib import Path
+from typing import Any
 
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 
-def _targets(value: str) -> str | list[str]:
-    """``all-linear``, a comma-separated list of module-name suffixes, or a regex (``re:...``)."""
-    if value == "all-linear":
-        return value
-    if value.startswith("re:"):
-        return value[3:]
-    return [t.strip() for t in value.split(",") if t.strip()]
+def _flag_kwargs(f: dataclasses.Field, hint: Any, default: Any) -> dict[str, Any]:
+    """argparse keywords for a config field: type (or parse), choices, help with the default."""
+    args = typing.get_args(hint) if typing.get_origin(hint) is not typing.Literal else ()
+    optional = type(None) in args
+    inner = [a for a in args if a is not type(None)] if args else [hint]
+    help = f.metadata.get("help", "")
+    kw: dict[str, Any] = {"help": help if "default:" in help else f"{help} (default: {default!r})"}
+    if "parse" in f.metadata:
+        return {**kw, "type": f.metadata["parse"]}
+    if inner == [bool]:
+        return {**kw, "action": argparse.BooleanOptionalAction}
+    literal = [a for a in inner if typing.get_origin(a) is typing.Literal]
+    if literal:
+        choices = list(typing.get_args(literal[0]))
+        return {
+            **kw,
+            "choices": choices + ([None] if optional else []),
+            "type": _none_or(str, optional),
+        }
+    base = next(a for a in inner if a in (int, float, str))
+    return {**kw, "type": _none_or(base, optional)}
+
+
+def _none_or(kind: type, optional: bool):
+    if not optional:
+        return kind
+    return lambda v: None if v.lower() in ("none", "null") else kind(v)
+
+
+def add_config_flags(
+    p: argparse.ArgumentParser,
+    cls: type,
+    *,
+    only: tuple[str, ...] | None = None,
+    skip: tuple[str, ...] = (),
+    suppress: bool = True,
+    defaults: Any = None,
+) -> list[str]:
+    """One ``--flag`` per field of config dataclass ``cls`` (``_`` -> ``-``); returns the names.
+
+    With ``suppress`` a flag not given is absent from the namespace, so a ``--config`` file and
+    the dataclass defaults fill it in (flags override the file). ``defaults``: an instance whose
+    values the help shows as defaults (e.g. the adapter a training run uses).
+    """
+    hints = typing.get_type_hints(cls)
+    names = []
+    for f in dataclasses.fields(cls):
+        if f.name in skip or (only is not None and f.name not in only):
+            continue
+        default = f.default if defaults is None else getattr(defaults, f.name)
+        kw = _flag_kwargs(f, hints[f.name], default)
+        kw["default"] = argparse.SUPPRESS if suppress else default
+        p.add_argument("--" + f.name.replace("_", "-"), dest=f.name, **kw)
+        names.append(f.name)
+    return names
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--model",
-        default="smollm2-135m",
-        help="embedded model (smollm2-135m, minilm), local HF folder or hub id",
-    )
-    p.add_argument(
-        "--data",
-        default="rotten-tomatoes",
-        help="built-in dataset (rotten-tomatoes, shakespeare), .jsonl/.txt/.csv file, or a datasets name",
-    )
-    p.add_argument(
-        "--dtype", default="float32", choices=["float32", "bfloat16"], help="model dtype"
-    )
-    p.add_argument("--seed", type=int, default=0, help="random seed")
-    p.add_argument(
-        "--max-len",
-        type=int,
-        default=256,
-        help="tokens per example; longer prompts are cut from the left with a warning",
-    )
+    from .config import TrainConfig
+
+    only = ("model", "data", "dtype", "seed", "max_len")
+    add_config_flags(p, TrainConfig, only=only, suppress=False)
 
 
 def _train_args(p: argparse.ArgumentParser) -> None:
-    _common(p)
+    from .config import FULL, TRAIN_ADAPTER, LoRAConfig, TrainConfig
+
     p.add_argument(
-        "--method",
-        default="lora",
-        choices=["lora", "lora_fa", "lors", "full"],
-        help="adapter method, or full fine-tuning",
-    )
-    p.add_argument("--rank", type=int, default=16, help="adapter rank r")
-    p.add_argument("--alpha", type=float, default=32.0, help="scaling numerator: s = alpha / r")
-    p.add_argument("--dropout", type=float, default=0.0, help="dropout on the adapter input")
-    p.add_argument(
-        "--init",
-        default="kaiming",
-        choices=["kaiming", "gaussian", "gradient_svd"],
-        help="adapter A init; gradient_svd: top-r right singular vectors of the mean dense "
-        "gradient over 128 training examples (LoRS / LoRA-GA)",
-    )
-    p.add_argument(
-        "--val-data",
+        "--config",
         default=None,
-        help="validation data (default: the dataset's validation split; none for a local file)",
+        help="run file (YAML, JSON or TOML) with flat keys named like the flags below; "
+        "flags given override it",
     )
-    p.add_argument(
-        "--grad-correction",
-        action="store_true",
-        help="LoRA-FA v2: precondition B's gradient with (A Aᵀ)⁻¹ / s²",
-    )
-    p.add_argument(
-        "--reduce-memory",
-        action="store_true",
-        help="reduce_activation_memory: chunked loss, norm/MLP recompute, sdpa (causal LMs)",
-    )
-    p.add_argument(
-        "--checkpointing",
-        action="store_true",
-        help="activation checkpointing per transformer block (recompute each block in backward)",
-    )
-    p.add_argument(
-        "--targets",
-        type=_targets,
-        default="all-linear",
-        help="all-linear | comma-separated suffixes (q_proj,v_proj) | re:<regex>",
-    )
-    p.add_argument(
-        "--task",
-        default="auto",
-        choices=["auto", "lm", "classify", "sft", "seq-cls"],
-        help="auto: labelled data -> classify (causal LM, label words) or seq-cls (encoder + head); "
-        "prompt/completion -> sft; text -> lm",
-    )
-    p.add_argument(
-        "--prompt",
-        default="auto",
-        choices=["auto", "chat", "plain"],
-        help="classification prompt: the chat template, a short plain prompt, or chat when the tokenizer has one",
-    )
-    p.add_argument("--max-steps", type=int, default=100, help="optimizer steps")
-    p.add_argument(
-        "--batch-size", type=int, default=16, help="global batch size (examples per optimizer step)"
-    )
-    p.add_argument(
-        "--micro-batch-size",
-        type=int,
-        default=0,
-        help="examples per forward pass (gradient accumulation); 0: the whole batch",
-    )
-    p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
-    p.add_argument("--warmup", type=float, default=0.06, help="warmup as a fraction of max steps")
-    p.add_argument(
-        "--schedule",
-        default="cosine",
-        choices=["cosine", "linear", "constant"],
-        help="learning-rate schedule after warmup",
-    )
-    p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
-    p.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping (0: off)")
-    p.add_argument(
-        "--eval-every", type=int, default=0, help="evaluate every N steps (0: at the end)"
-    )
-    p.add_argument(
-        "--eval-examples", type=int, default=0, help="validation examples per evaluation (0: all)"
-    )
-    p.add_argument(
-        "--save-every", type=int, default=50, help="checkpoint every N steps (0: at the end)"
-    )
-    p.add_argument(
-        "--output", default="runs/lorakit", help="output folder: adapter, checkpoint, metrics, plot"
-    )
+    add_config_flags(p, TrainConfig, skip=("adapter",))
+    # use_rslora's default depends on the method: shown as None (derived), not lora's False.
+    add_config_flags(p, LoRAConfig, defaults=TRAIN_ADAPTER.replace(use_rslora=None))
+    for action in p._actions:  # --method: an adapter method, or full fine-tuning
+        if action.dest == "method":
+            action.choices = [*action.choices, FULL]
+            action.help = "adapter method, or full: full fine-tuning without an adapter"
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --output")
     p.add_argument(
         "--overwrite", action="store_true", help="start afresh even if --output holds a checkpoint"
     )
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument(
-        "--device",
-        default="auto",
-        help="auto (cuda if available; under torchrun cuda:LOCAL_RANK), cpu, cuda or cuda:N",
-    )
-    p.add_argument(
-        "--strategy",
-        default="ddp",
-        choices=["ddp", "fsdp"],
-        help="under torchrun: ddp (replicated base, adapter gradients all-reduced) or fsdp "
-        "(FSDP2, every transformer block sharded over the ranks)",
-    )
+
+
+RUN_ONLY_FLAGS = ("config", "resume", "overwrite", "command", "func")
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """A flat mapping from a YAML, JSON or TOML run file."""
+    file = Path(path)
+    if not file.is_file():
+        raise FileNotFoundError(f"--config {file}: no such file")
+    text = file.read_text()
+    suffix = file.suffix.lower()
+    if suffix == ".json":
+        data = json.loads(text)
+    elif suffix == ".toml":
+        import tomllib
+
+        data = tomllib.loads(text)
+    elif suffix in (".yaml", ".yml"):
+        import yaml
+
+        data = yaml.safe_load(text) or {}
+    else:
+        raise ValueError(f"--config {file}: expected a .yaml, .yml, .json or .toml file")
+    if not isinstance(data, dict):
+        raise ValueError(f"--config {file}: expected a mapping of keys to values at the top")
+    return data
 
 
 def _train_config(a: argparse.Namespace):
-    from .train import TrainConfig
+    from .config import TrainConfig
 
-    fields = {
-        "model": a.model, "data": a.data, "val_data": a.val_data, "method": a.method,
-        "rank": a.rank, "alpha": a.alpha, "dropout": a.dropout, "targets": a.targets,
-        "init": a.init, "grad_correction": a.grad_correction, "reduce_memory": a.reduce_memory, "checkpointing": a.checkpointing,
-        "task": a.task, "prompt": a.prompt, "max_steps": a.max_steps, "batch_size": a.batch_size,
-        "micro_batch_size": a.micro_batch_size, "lr": a.lr, "warmup": a.warmup,
-        "schedule": a.schedule, "weight_decay": a.weight_decay, "max_grad_norm": a.max_grad_norm,
-        "dtype": a.dtype, "seed": a.seed, "max_len": a.max_len, "eval_every": a.eval_every,
-        "eval_examples": a.eval_examples, "save_every": a.save_every, "output": a.output,
-        "progress": not a.no_progress, "strategy": a.strategy, "device": a.device,
-    }  # fmt: skip
-    return TrainConfig(**fields)
+    flags = {k: v for k, v in vars(a).items() if k not in RUN_ONLY_FLAGS}
+    values = read_config_file(a.config) if a.config else {}
+    return TrainConfig.from_flat({**values, **flags})
 
 
 def table(rows: list[tuple[str, str]], title: str = "") -> str:
@@ -213,7 +180,7 @@ def cmd_eval(a: argparse.Namespace) -> int:
     from .config import DTYPES
     from .evaluate import accuracy, classify, perplexity
     from .models import load_model
-    from .train import classification_prompt, is_causal_lm, predict_classes
+    from .tasks import classification_prompt, is_causal_lm, predict_classes
 
     records = data.load_records(a.data, a.split)
     if a.limit:

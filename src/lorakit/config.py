@@ -44,13 +44,33 @@ CAPABILITIES: dict[str, Capabilities] = {
     ),
 }
 METHODS: tuple[str, ...] = tuple(CAPABILITIES)
-INITS: tuple[str, ...] = ("kaiming", "gaussian")
+INITS: tuple[str, ...] = ("kaiming", "gaussian", "gradient_svd")
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
     "bfloat16": torch.bfloat16,
     "float16": torch.float16,
     "float64": torch.float64,
 }
+
+
+def opt(default: Any, help: str, **meta: Any) -> Any:
+    """A config field: its default and its one-line help (the CLI flag's), side by side.
+
+    ``parse`` in ``meta``: how the CLI turns the flag's text into the value.
+    """
+    return dataclasses.field(default=default, metadata={"help": help, **meta})
+
+
+def parse_list(value: str) -> tuple[str, ...]:
+    """``a,b,c`` -> ``("a", "b", "c")``."""
+    return tuple(t.strip() for t in value.split(",") if t.strip())
+
+
+def parse_targets(value: str) -> str | tuple[str, ...]:
+    """``all-linear``, a comma-separated list of module-name suffixes, or ``re:<regex>``."""
+    if value == "all-linear":
+        return value
+    return value[3:] if value.startswith("re:") else parse_list(value)
 
 
 @dataclass(frozen=True)
@@ -61,18 +81,39 @@ class LoRAConfig:
         ``LoRAConfig(method="lora", rank=16, alpha=32, targets="all-linear")``
     """
 
-    method: Method = "lora"  # "lora" | "lora_fa" | "lors"
-    rank: int = 8  # r: inner dimension of B A
-    alpha: float = 16.0  # scaling s = alpha / r (alpha / sqrt(r) with use_rslora)
-    dropout: float = 0.0  # dropout on the adapter input, in [0, 1)
-    targets: str | tuple[str, ...] = "all-linear"  # "all-linear" | module-name suffixes | regex
-    init: Literal["kaiming", "gaussian"] = "kaiming"  # A init; B starts at zero
-    use_rslora: bool | None = None  # alpha / sqrt(r); None: True for lors (its scripts), else False
-    bias: Literal["none"] = "none"  # biases stay frozen (PEFT's bias="none")
-    adapter_dtype: str | None = None  # None: follow the base layer's dtype; else e.g. "float32"
-    modules_to_save: tuple[str, ...] = ()  # module-name suffixes trained fully (e.g. a new head)
-    grad_correction: bool = False  # lora_fa: v2's g_B (A Aᵀ)⁻¹ / s² before the optimizer
-    sparse_grad: Literal["exact", "straight_through"] = "exact"  # lors: adapter gradient mode
+    method: Method = opt("lora", "adapter method")
+    rank: int = opt(8, "adapter rank r: the inner dimension of B A")
+    alpha: float = opt(
+        16.0, "scaling numerator: s = alpha / r, or alpha / sqrt(r) with use_rslora (lors default)"
+    )
+    dropout: float = opt(0.0, "dropout on the adapter input, in [0, 1) (lora, lora_fa)")
+    targets: str | tuple[str, ...] = opt(
+        "all-linear",
+        "layers to adapt: all-linear | module-name suffixes (CLI: q_proj,v_proj) | a regex "
+        "(CLI: re:<regex>)",
+        parse=parse_targets,
+    )
+    init: Literal["kaiming", "gaussian", "gradient_svd"] = opt(
+        "kaiming",
+        "A's init (B starts at zero); gradient_svd: kaiming until lk.gradient_svd_init sets A "
+        "from the data's mean dense gradient (lorakit train does it; LoRS / LoRA-GA)",
+    )
+    use_rslora: bool | None = opt(
+        None, "s = alpha / sqrt(r) (rsLoRA); default: on for lors (its scripts), off otherwise"
+    )
+    bias: Literal["none"] = opt("none", "biases stay frozen (PEFT's bias='none')")
+    adapter_dtype: Literal["float32", "bfloat16", "float16", "float64"] | None = opt(
+        None, "dtype of the adapter weights; default: the base layer's"
+    )
+    modules_to_save: tuple[str, ...] = opt(
+        (), "module-name suffixes trained fully and saved with the adapter", parse=parse_list
+    )
+    grad_correction: bool = opt(
+        False, "lora_fa: LoRA-FA v2 gradient correction g_B (A Aᵀ)⁻¹ / s² before the optimizer"
+    )
+    sparse_grad: Literal["exact", "straight_through"] = opt(
+        "exact", "lors: exact masked adapter gradient, or the paper's straight-through one"
+    )
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -164,3 +205,151 @@ class LoRAConfig:
     def replace(self, **changes: Any) -> LoRAConfig:
         """A copy with some fields changed (validated like a new config)."""
         return self.from_dict({**self.to_dict(), **changes})
+
+
+# The adapter a training run injects unless told otherwise.
+TRAIN_ADAPTER = LoRAConfig(rank=16, alpha=32.0)
+FULL = "full"  # method name of full fine-tuning: no adapter, every weight trains
+TASKS = ("auto", "lm", "classify", "sft", "seq-cls")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """One training run: everything that decides its result, and where it goes.
+
+    ``adapter`` is the :class:`LoRAConfig` injected (None: full fine-tuning, ``method="full"``).
+    Files and the CLI see one flat mapping of both (:meth:`to_flat` / :meth:`from_flat`): the
+    adapter's fields sit next to the run's, ``method`` may also be ``"full"``.
+    """
+
+    model: str = opt("smollm2-135m", "embedded model (smollm2-135m, minilm), HF folder or hub id")
+    data: str = opt(
+        "rotten-tomatoes",
+        "built-in dataset (rotten-tomatoes, shakespeare), .jsonl/.txt/.csv file or datasets name",
+    )
+    val_data: str | None = opt(
+        None, "validation data; default: the dataset's validation split (none for a local file)"
+    )
+    adapter: LoRAConfig | None = opt(TRAIN_ADAPTER, "the adapter; None: full fine-tuning")
+    reduce_memory: bool = opt(
+        False, "reduce_activation_memory: chunked loss, norm/MLP recompute, sdpa (causal LMs)"
+    )
+    checkpointing: bool = opt(False, "activation checkpointing per transformer block")
+    init_samples: int = opt(128, "init gradient_svd: training examples whose mean gradient it uses")
+    task: Literal["auto", "lm", "classify", "sft", "seq-cls"] = opt(
+        "auto",
+        "auto: labelled data -> classify (causal LM, label words) or seq-cls (encoder + head); "
+        "prompt/completion -> sft; text -> lm",
+    )
+    prompt: Literal["auto", "chat", "plain"] = opt(
+        "auto", "classification prompt: chat template, short plain prompt, or chat if there is one"
+    )
+    max_steps: int = opt(100, "optimizer steps")
+    batch_size: int = opt(16, "global batch, in examples (lm: windows of max_len tokens)")
+    micro_batch_size: int = opt(0, "examples per forward pass (accumulation); 0: the whole batch")
+    lr: float = opt(1e-3, "peak learning rate")
+    warmup: float = opt(0.06, "warmup as a fraction of max_steps (the LoRA paper's GLUE setting)")
+    schedule: Literal["cosine", "linear", "constant"] = opt("cosine", "schedule after warmup")
+    weight_decay: float = opt(0.0, "AdamW weight decay")
+    max_grad_norm: float = opt(1.0, "gradient clipping (0: off)")
+    dtype: Literal["float32", "bfloat16"] = opt("float32", "model dtype")
+    seed: int = opt(0, "random seed")
+    max_len: int = opt(256, "tokens per example (lm: window length); prompts cut from the left")
+    eval_every: int = opt(0, "evaluate every N steps (0: at the end only)")
+    eval_examples: int = opt(0, "validation examples per evaluation (0: all)")
+    save_every: int = opt(50, "checkpoint every N steps (0: only at the end)")
+    output: str = opt("runs/lorakit", "output folder: adapter, checkpoint, metrics, plot")
+    progress: bool = opt(True, "progress bar")
+    device: str = opt("auto", "auto (cuda if available; torchrun: cuda:LOCAL_RANK), cpu, cuda:N")
+    strategy: Literal["ddp", "fsdp"] = opt(
+        "ddp",
+        "under torchrun: ddp (replicated base, adapter gradients all-reduced) or fsdp (FSDP2, "
+        "every transformer block sharded)",
+    )
+
+    def __post_init__(self) -> None:
+        if self.adapter is not None and not isinstance(self.adapter, LoRAConfig):
+            raise ValueError(f"adapter must be a LoRAConfig or None, got {self.adapter!r}")
+        for name in ("task", "prompt", "schedule", "dtype", "strategy"):
+            _check_choice(self, name)
+        for name in ("max_steps", "batch_size", "max_len", "lr", "init_samples"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        nonnegative = ("micro_batch_size", "max_grad_norm", "eval_every", "eval_examples")
+        for name in (*nonnegative, "save_every", "weight_decay"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        micro = self.micro_batch_size or self.batch_size
+        if self.batch_size % micro:
+            valid = [d for d in range(1, self.batch_size + 1) if self.batch_size % d == 0]
+            raise ValueError(
+                f"micro_batch_size {micro} must divide batch_size {self.batch_size}; "
+                f"valid choices: {valid}"
+            )
+        if not 0 <= self.warmup < 1:
+            raise ValueError(f"warmup is a fraction of max_steps in [0, 1), got {self.warmup}")
+        try:
+            torch.device(self.device if self.device != "auto" else "cpu")
+        except RuntimeError as e:
+            raise ValueError(
+                f"device must be auto, cpu, cuda or cuda:N; got {self.device!r}"
+            ) from e
+
+    @property
+    def method(self) -> str:
+        """The adapter's method, or ``"full"``."""
+        return FULL if self.adapter is None else self.adapter.method
+
+    def to_flat(self) -> dict[str, Any]:
+        """One flat, JSON/YAML-ready mapping: the run's fields and the adapter's."""
+        flat: dict[str, Any] = {}
+        for f in dataclasses.fields(self):  # the adapter's keys where the adapter field is
+            if f.name != "adapter":
+                flat[f.name] = getattr(self, f.name)
+            else:
+                flat.update({"method": FULL} if self.adapter is None else self.adapter.to_dict())
+        return flat
+
+    @classmethod
+    def flat_keys(cls) -> list[str]:
+        """The keys of :meth:`to_flat`, in its order."""
+        lora = [f.name for f in dataclasses.fields(LoRAConfig)]
+        fields = dataclasses.fields(cls)
+        return [k for f in fields for k in (lora if f.name == "adapter" else [f.name])]
+
+    @classmethod
+    def from_flat(cls, data: dict[str, Any]) -> TrainConfig:
+        """Build a run from a flat mapping (a file, the CLI); unknown keys are an error.
+
+        Missing keys take their defaults (the adapter's: :data:`TRAIN_ADAPTER`'s).
+        """
+        valid = cls.flat_keys()
+        unknown = sorted(set(data) - set(valid))
+        if unknown:
+            raise ValueError(f"unknown config keys {unknown}; valid keys are {sorted(valid)}")
+        lora_keys = {f.name for f in dataclasses.fields(LoRAConfig)}
+        run = {k: v for k, v in data.items() if k not in lora_keys}
+        adapter_opts = {k: v for k, v in data.items() if k in lora_keys}
+        if adapter_opts.get("method") == FULL:  # other adapter keys configure nothing then
+            return cls(**run, adapter=None)
+        if adapter_opts.get("init", "kaiming") not in INITS:
+            raise ValueError(
+                f"init must be kaiming, gaussian or gradient_svd, got {adapter_opts['init']!r}"
+            )
+        defaults = TRAIN_ADAPTER.to_dict()
+        if "method" in adapter_opts and "use_rslora" not in adapter_opts:
+            defaults["use_rslora"] = None  # re-derived for the method asked for
+        return cls(**run, adapter=LoRAConfig.from_dict({**defaults, **adapter_opts}))
+
+    def to_dict(self) -> dict[str, Any]:
+        """Alias of :meth:`to_flat` (the form checkpoints store)."""
+        return self.to_flat()
+
+
+def _check_choice(cfg: Any, name: str) -> None:
+    """A Literal-typed field holds one of its values."""
+    import typing
+
+    allowed = typing.get_args(typing.get_type_hints(type(cfg))[name])
+    if getattr(cfg, name) not in allowed:
+        raise ValueError(f"{name} must be one of {list(allowed)}, got {getattr(cfg, name)!r}")

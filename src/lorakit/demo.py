@@ -13,10 +13,12 @@ from pathlib import Path
 import torch
 
 from . import data
+from .config import TrainConfig
 from .evaluate import accuracy, classify
 from .inject import merge
 from .models import load_model
-from .train import TrainConfig, classification_prompt, train
+from .tasks import classification_prompt
+from .train import train
 
 # Chosen so the whole demo fits in ~5 minutes on 2 CPU cores (see README for the measured run).
 # The short plain prompt costs ~44 tokens per review instead of ~71 with SmolLM2's chat template.
@@ -59,21 +61,23 @@ def run_demo(
         flush=True,
     )
 
-    cfg = TrainConfig(
-        model="smollm2-135m",
-        data="rotten-tomatoes",
-        method=method,
-        rank=DEMO["rank"],
-        alpha=DEMO["alpha"],
-        max_steps=max_steps or DEMO["max_steps"],
-        batch_size=DEMO["batch_size"],
-        lr=DEMO["lr"],
-        max_len=DEMO["max_len"],
-        prompt=DEMO["prompt"],
-        seed=seed,
-        eval_examples=64,
-        save_every=0,
-        output=output,
+    cfg = TrainConfig.from_flat(
+        dict(
+            model="smollm2-135m",
+            data="rotten-tomatoes",
+            method=method,
+            rank=DEMO["rank"],
+            alpha=DEMO["alpha"],
+            max_steps=max_steps or DEMO["max_steps"],
+            batch_size=DEMO["batch_size"],
+            lr=DEMO["lr"],
+            max_len=DEMO["max_len"],
+            prompt=DEMO["prompt"],
+            seed=seed,
+            eval_examples=64,
+            save_every=0,
+            output=output,
+        )
     )
     result = train(cfg, model=model, tokenizer=tok, overwrite=True)
     summary = result["summary"]
@@ -179,20 +183,22 @@ def run_sparse_demo(output: str = "runs/demo-sparse", max_steps: int | None = No
         flush=True,
     )
 
-    cfg = TrainConfig(
-        model="smollm2-135m",
-        data="shakespeare",
-        method="lors",
-        rank=cfg_d["rank"],
-        alpha=cfg_d["alpha"],
-        max_steps=max_steps or cfg_d["max_steps"],
-        batch_size=cfg_d["batch_size"],
-        lr=cfg_d["lr"],
-        max_len=cfg_d["max_len"],
-        seed=seed,
-        eval_examples=cfg_d["eval_windows"],
-        save_every=0,
-        output=output,
+    cfg = TrainConfig.from_flat(
+        dict(
+            model="smollm2-135m",
+            data="shakespeare",
+            method="lors",
+            rank=cfg_d["rank"],
+            alpha=cfg_d["alpha"],
+            max_steps=max_steps or cfg_d["max_steps"],
+            batch_size=cfg_d["batch_size"],
+            lr=cfg_d["lr"],
+            max_len=cfg_d["max_len"],
+            seed=seed,
+            eval_examples=cfg_d["eval_windows"],
+            save_every=0,
+            output=output,
+        )
     )
     summary = train(cfg, model=model, tokenizer=tok, overwrite=True)["summary"]
     tuned = perplexity(model, held_out)

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .data import IGNORE_INDEX as IGNORE
+from .constants import IGNORE_INDEX as IGNORE
 
 
 def _forward_logits(model: nn.Module, input_ids, attention_mask, keep: int) -> torch.Tensor:

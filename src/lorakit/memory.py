@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .data import IGNORE_INDEX as IGNORE
+from .constants import IGNORE_INDEX as IGNORE
 
 # Model types whose norms, MLP and LM head are exactly what the replacements compute (Gemma's
 # (1 + w) RMSNorm and soft-capped / scaled logits are not).

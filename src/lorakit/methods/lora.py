@@ -29,13 +29,16 @@ if TYPE_CHECKING:
 
 
 def init_lora_A(A: torch.Tensor, init: str) -> None:
-    """Initialise a down-projection A (r, in) in place: loralib's kaiming or N(0, 1/r)."""
-    if init == "kaiming":
+    """Initialise a down-projection A (r, in) in place: loralib's kaiming or N(0, 1/r).
+
+    ``"gradient_svd"`` starts as kaiming; :func:`lorakit.gradient_svd_init` then sets A from data.
+    """
+    if init in ("kaiming", "gradient_svd"):
         nn.init.kaiming_uniform_(A, a=math.sqrt(5))
     elif init == "gaussian":
         nn.init.normal_(A, std=1.0 / A.shape[0])
     else:
-        raise ValueError(f"init must be 'kaiming' or 'gaussian', got {init!r}")
+        raise ValueError(f"init must be 'kaiming', 'gaussian' or 'gradient_svd', got {init!r}")
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:

@@ -1,0 +1,80 @@
+"""Records: the three forms a data set's rows take, validated one by one."""
+
+from __future__ import annotations
+
+from typing import Any
+
+Record = dict[str, Any]
+SPLITS = ("train", "validation", "test")
+
+
+def validate_record(obj: Any, where: str) -> tuple[Record, str]:
+    """Check one record; return it (only the known keys) and its form: text, labelled or sft."""
+    if not isinstance(obj, dict):
+        raise ValueError(f"{where}: expected an object, got {type(obj).__name__}")
+    has_sft = "prompt" in obj or "completion" in obj
+    if has_sft and "text" in obj:
+        raise ValueError(
+            f"{where}: has both 'text' and 'prompt'/'completion'; use one form per record"
+        )
+    if has_sft:
+        missing = [k for k in ("prompt", "completion") if k not in obj]
+        if missing:
+            raise ValueError(
+                f"{where}: missing key {missing[0]!r}; prompt records need 'prompt' and "
+                f"'completion', got keys {sorted(obj)}"
+            )
+        for key in ("prompt", "completion"):
+            if not isinstance(obj[key], str):
+                raise ValueError(
+                    f"{where}: {key!r} must be a string, got {type(obj[key]).__name__}"
+                )
+        if not obj["completion"].strip():
+            raise ValueError(f"{where}: 'completion' is empty")
+        return {"prompt": obj["prompt"], "completion": obj["completion"]}, "sft"
+    if "text" not in obj:
+        raise ValueError(
+            f"{where}: missing keys; need 'text' (optionally with 'label'), or 'prompt' and "
+            f"'completion', got keys {sorted(obj)}"
+        )
+    if not isinstance(obj["text"], str):
+        raise ValueError(f"{where}: 'text' must be a string, got {type(obj['text']).__name__}")
+    if not obj["text"].strip():
+        raise ValueError(f"{where}: 'text' is empty")
+    if "label" not in obj:
+        return {"text": obj["text"]}, "text"
+    label = obj["label"]
+    # bool is an int subclass, but true/false labels are almost surely a mistake.
+    if isinstance(label, bool) or not isinstance(label, int) or label < 0:
+        raise ValueError(f"{where}: 'label' must be a non-negative int, got {label!r}")
+    return {"text": obj["text"], "label": label}, "labelled"
+
+
+FORM_NAMES = {"text": "text", "labelled": "text/label", "sft": "prompt/completion"}
+
+
+class FormCheck:
+    """Reject files that mix record forms, which would break the training loop later."""
+
+    def __init__(self) -> None:
+        self.first: tuple[str, str] | None = None
+
+    def __call__(self, form: str, where: str) -> None:
+        if self.first is None:
+            self.first = (form, where)
+        elif form != self.first[0]:
+            raise ValueError(
+                f"{where}: a {FORM_NAMES[form]} record, but {self.first[1]} is a "
+                f"{FORM_NAMES[self.first[0]]} record; use one form for the whole dataset"
+            )
+
+
+def check_split(split: str) -> None:
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {list(SPLITS)}, got {split!r}")
+
+
+def non_empty(records: list[Record], what: str) -> list[Record]:
+    if not records:
+        raise ValueError(f"{what} is empty: it gave no records")
+    return records

@@ -1,0 +1,258 @@
+"""What a run trains on and how it is scored: tasks, prompts, batches, losses, metrics.
+
+A task turns records (see :mod:`lorakit.data`) into token examples and a loss:
+
+- ``lm``: windows of ``max_len`` tokens, loss on every token, perplexity on validation windows;
+- ``sft``: prompt + completion, loss on the completion only;
+- ``classify``: a causal LM answers a prompt with a label word (loss on that word), accuracy;
+- ``seq-cls``: an encoder with a classification head (trained fully next to the adapter).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from .config import TrainConfig
+from .constants import IGNORE_INDEX as IGNORE
+from .distributed import SINGLE, Context
+from .evaluate import (
+    accuracy,
+    classify,
+    label_token_ids,
+    left_pad,
+    nll,
+    shared_prefix,
+    to_device,
+    token_losses,
+)
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+# Classification heads that a sequence-classification model trains fully next to the adapter.
+HEADS = ("classifier", "score")
+
+
+def classification_prompt(
+    tokenizer: PreTrainedTokenizerBase, label_names: list[str], style: str = "auto"
+) -> tuple[str, list[str]]:
+    """A prompt template with a ``{text}`` slot and the label words that answer it.
+
+    ``style="chat"`` (``"auto"`` when the tokenizer has a chat template) wraps the question in the
+    chat template (label words without a leading space: the assistant turn starts a fresh line);
+    ``"plain"`` is a short ``... Answer:`` prompt with " word" labels (about 40 % fewer tokens for
+    SmolLM2, whose chat template adds a system prompt).
+    """
+    if style not in ("auto", "chat", "plain"):
+        raise ValueError(f"prompt style must be auto, chat or plain, got {style!r}")
+    question = (
+        f"Is this review {' or '.join(label_names)}? Answer with one word.\n\nReview: {{text}}"
+    )
+    chat = bool(getattr(tokenizer, "chat_template", None)) if style == "auto" else style == "chat"
+    if chat:
+        template = tokenizer.apply_chat_template(
+            [{"role": "user", "content": question}], add_generation_prompt=True, tokenize=False
+        )
+        return template, list(label_names)
+    return question + "\nAnswer:", [" " + n for n in label_names]
+
+
+@dataclass
+class Prepared:
+    """Tokenised training data and what evaluation needs."""
+
+    task: str
+    train: list[dict[str, list[int]]]
+    val_records: list[dict[str, Any]]
+    val_blocks: torch.Tensor | None = None
+    template: str | None = None
+    label_words: list[str] | None = None
+
+
+def is_causal_lm(model_name: str) -> bool:
+    """Whether a model folder / embedded name is a causal LM (from its config, without weights)."""
+    from transformers import AutoConfig
+
+    from .models import resolve
+
+    archs = AutoConfig.from_pretrained(resolve(model_name)).architectures or []
+    return any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs)
+
+
+def resolve_task(cfg: TrainConfig, first: dict[str, Any]) -> str:
+    if cfg.task != "auto":
+        return cfg.task
+    if "label" in first:
+        return "classify" if is_causal_lm(cfg.model) else "seq-cls"
+    return "sft" if "prompt" in first else "lm"
+
+
+def load_splits(cfg: TrainConfig) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Train records, and validation records: ``val_data`` if given, else the data's own
+    validation split for built-in / hub datasets. A local file has no split of its own (every
+    split is the whole file), so it gets no validation unless ``val_data`` names one."""
+    from . import data
+
+    train = data.load_records(cfg.data, "train")
+    if cfg.val_data is not None:
+        return train, data.load_records(cfg.val_data, "validation")
+    if Path(cfg.data).expanduser().exists():
+        return train, []
+    try:
+        val = data.load_records(cfg.data, "validation")
+    except (ValueError, KeyError):
+        val = []
+    return train, val
+
+
+def label_names(cfg: TrainConfig, records: list[dict[str, Any]]) -> list[str]:
+    from . import data
+
+    return data.label_names(cfg.data) or [str(v) for v in sorted({r["label"] for r in records})]
+
+
+def prepare_data(cfg: TrainConfig, tokenizer, task: str, train, val) -> Prepared:
+    from . import data
+
+    if task == "seq-cls":
+        enc = tokenizer([r["text"] for r in train], truncation=True, max_length=cfg.max_len)
+        examples = [
+            {"input_ids": ids, "label": int(r["label"])}
+            for ids, r in zip(enc["input_ids"], train, strict=True)
+        ]
+        return Prepared(task, examples, val)
+    if task == "classify":
+        template, words = classification_prompt(tokenizer, label_names(cfg, train), cfg.prompt)
+        label_token_ids(tokenizer, words)  # fail now, not after training, on multi-token words
+        examples = data.encode_examples(
+            train, tokenizer, cfg.max_len, template=template, label_words=words
+        )
+        return Prepared(task, examples, val, template=template, label_words=words)
+    if task == "sft":
+        return Prepared(task, data.encode_examples(train, tokenizer, cfg.max_len), val)
+    blocks = data.lm_blocks(train, tokenizer, cfg.max_len)
+    examples = [{"input_ids": b.tolist(), "labels": b.tolist()} for b in blocks]
+    val_blocks = data.lm_blocks(val, tokenizer, cfg.max_len) if val else None
+    return Prepared(task, examples, val, val_blocks=val_blocks)
+
+
+def collate(examples: list[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Left-pad, so completions end in the last column and only their logits are computed.
+
+    Sequence-classification examples (a ``label`` int) are right-padded, as encoders expect.
+    ``labels`` are -100 on padding and on each row's first token (nothing predicts it).
+    """
+    _check_examples(examples, pad_id)
+    if "label" in examples[0]:
+        ids, mask = left_pad([e["input_ids"][::-1] for e in examples], pad_id)
+        labels = torch.tensor([e["label"] for e in examples])
+        return {"input_ids": ids.flip(1), "attention_mask": mask.flip(1), "labels": labels}
+    ids, mask = left_pad([e["input_ids"] for e in examples], pad_id)
+    # A row's first token is predicted by nothing (a pad position, after left padding).
+    labels, _ = left_pad([[IGNORE, *e["labels"][1:]] for e in examples], IGNORE)
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def _check_examples(examples: list[dict[str, Any]], pad_id: int) -> None:
+    if not examples:
+        raise ValueError("collate got an empty batch")
+    if isinstance(pad_id, bool) or not isinstance(pad_id, int):
+        raise ValueError(f"pad_id must be an int token id, got {pad_id!r}")
+    for i, example in enumerate(examples):
+        ids, labels = example.get("input_ids"), example.get("labels", example.get("label"))
+        if ids is None or labels is None:
+            raise ValueError(
+                f"example {i} needs 'input_ids' and 'labels' (or a 'label' class), got keys "
+                f"{sorted(example)}"
+            )
+        if not ids:
+            raise ValueError(f"example {i} has no input_ids")
+        if "labels" in example and len(ids) != len(labels):
+            raise ValueError(
+                f"example {i} has {len(ids)} input_ids and {len(labels)} labels; they must be "
+                "equal and non-zero"
+            )
+
+
+def batch_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Summed loss of a micro-batch (token losses for LMs, example losses for classifiers)."""
+    if batch["labels"].dim() == 1:
+        batch = to_device(batch, model)
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        return torch.nn.functional.cross_entropy(logits.float(), batch["labels"], reduction="sum")
+    return token_losses(model, batch)[0]
+
+
+def n_targets(examples: list[dict[str, Any]]) -> int:
+    """How many loss terms a global batch has: examples, or label tokens after the shift."""
+    if "label" in examples[0]:
+        return len(examples)
+    return sum(sum(1 for y in e["labels"][1:] if y != IGNORE) for e in examples)
+
+
+def pad_token_id(tokenizer) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
+def evaluate(
+    model, tokenizer, prep: Prepared, cfg: TrainConfig, split_records=None, ctx: Context = SINGLE
+) -> dict[str, float]:
+    """Validation metrics. Distributed: each rank evaluates a strided share (padded so every rank
+    runs the same forward passes) and the results are combined; every rank gets the metrics."""
+    from .distributed import all_gather, all_sum, interleave, split_evenly
+
+    records = split_records if split_records is not None else prep.val_records
+    if cfg.eval_examples:
+        records = records[: cfg.eval_examples]
+
+    def predictions(fn) -> list[int]:
+        mine, real = split_evenly(records, ctx)
+        preds = fn(mine)[:real] if mine else []
+        return interleave(all_gather(preds, ctx), len(records))
+
+    labels = [r["label"] for r in records] if records and "label" in records[0] else []
+    if prep.task == "seq-cls" and records:
+        preds = predictions(lambda rs: predict_classes(model, tokenizer, rs, cfg.max_len))
+        return {"accuracy": accuracy(preds, labels)}
+    if prep.task == "classify" and records:
+
+        def prompts(rs):
+            return [prep.template.replace("{text}", r["text"]) for r in rs]
+
+        # Every rank caches the whole set's shared prefix: the same forward passes everywhere.
+        shared = shared_prefix(tokenizer, prompts(records)) if ctx.enabled else None
+        preds = predictions(
+            lambda rs: classify(
+                model, tokenizer, prompts(rs), prep.label_words, shared_prefix=shared
+            )
+        )
+        return {"accuracy": accuracy(preds, labels)}
+    if prep.task == "lm" and prep.val_blocks is not None and split_records is None:
+        blocks = list(prep.val_blocks[: cfg.eval_examples or None])
+        mine, real = split_evenly(blocks, ctx)
+        total, count = nll(model, torch.stack(mine), real=real) if mine else (0.0, 0)
+        total, count = all_sum([total, count], ctx)
+        return {"perplexity": math.exp(total / max(count, 1))}
+    return {}
+
+
+@torch.no_grad()
+def predict_classes(model, tokenizer, records, max_len: int, batch_size: int = 64) -> list[int]:
+    """Argmax class of a sequence-classification model for each record's text."""
+    was_training = model.training
+    model.eval()
+    preds: list[int] = []
+    for i in range(0, len(records), batch_size):
+        texts = [r["text"] for r in records[i : i + batch_size]]
+        enc = tokenizer(
+            texts, truncation=True, max_length=max_len, padding=True, return_tensors="pt"
+        )
+        preds.extend(model(**to_device(dict(enc), model)).logits.argmax(-1).tolist())
+    model.train(was_training)
+    return preds
