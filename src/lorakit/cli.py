@@ -281,12 +281,7 @@ def cmd_demo(a: argparse.Namespace) -> int:
     return run_demo(output=a.output, max_steps=a.max_steps, seed=a.seed, method=a.method)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="lorakit", description="Memory-efficient low-rank fine-tuning (LoRA, LoRA-FA, LoRS)."
-    )
-    sub = parser.add_subparsers(dest="command", required=True)
-
+def _train_command(sub) -> None:
     p = sub.add_parser(
         "train",
         help="fine-tune a model with an adapter (or fully)",
@@ -295,6 +290,8 @@ def build_parser() -> argparse.ArgumentParser:
     _train_args(p)
     p.set_defaults(func=cmd_train)
 
+
+def _eval_command(sub) -> None:
     p = sub.add_parser(
         "eval",
         help="accuracy (labelled data) or perplexity (text)",
@@ -319,6 +316,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_eval)
 
+
+def _merge_command(sub) -> None:
     p = sub.add_parser(
         "merge",
         help="merge an adapter into its base and save a plain HF model",
@@ -332,6 +331,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_merge)
 
+
+def _prune_command(sub) -> None:
     p = sub.add_parser(
         "prune",
         help="prune a model to unstructured or N:M sparsity (magnitude, Wanda, SparseGPT)",
@@ -355,6 +356,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True, help="output folder for the pruned model")
     p.set_defaults(func=cmd_prune)
 
+
+def _demo_command(sub) -> None:
     p = sub.add_parser(
         "demo",
         help="the main job: zero-shot -> LoRA fine-tune -> merge, on the embedded model and data",
@@ -377,6 +380,18 @@ def build_parser() -> argparse.ArgumentParser:
         "runs/demo-sparse)",
     )
     p.set_defaults(func=cmd_demo)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lorakit", description="Memory-efficient low-rank fine-tuning (LoRA, LoRA-FA, LoRS)."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    _train_command(sub)
+    _eval_command(sub)
+    _merge_command(sub)
+    _prune_command(sub)
+    _demo_command(sub)
     return parser
 
 

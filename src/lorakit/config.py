@@ -73,6 +73,19 @@ def parse_targets(value: str) -> str | tuple[str, ...]:
     return value[3:] if value.startswith("re:") else parse_list(value)
 
 
+def _checked_targets(targets: Any) -> str | tuple[str, ...]:
+    ok = isinstance(targets, str) and targets
+    if isinstance(targets, (list, tuple)):
+        targets = tuple(targets)
+        ok = targets and all(isinstance(t, str) and t for t in targets)
+    if not ok:
+        raise ValueError(
+            f"targets must be 'all-linear', a regex string or a non-empty list of "
+            f"module-name suffixes, got {targets!r}"
+        )
+    return targets
+
+
 @dataclass(frozen=True)
 class LoRAConfig:
     """Configuration of one low-rank adapter.
@@ -151,19 +164,7 @@ class LoRAConfig:
             object.__setattr__(self, "use_rslora", self.method == "lors")
         if self.grad_correction and self.method != "lora_fa":
             raise ValueError(f"grad_correction is a LoRA-FA option; method is {self.method!r}")
-        targets = self.targets
-        if isinstance(targets, (list, tuple)):
-            if not targets or not all(isinstance(t, str) and t for t in targets):
-                raise ValueError(
-                    f"targets must be 'all-linear', a regex string or a non-empty list of "
-                    f"module-name suffixes, got {targets!r}"
-                )
-            object.__setattr__(self, "targets", tuple(targets))
-        elif not isinstance(targets, str) or not targets:
-            raise ValueError(
-                f"targets must be 'all-linear', a regex string or a non-empty list of "
-                f"module-name suffixes, got {targets!r}"
-            )
+        object.__setattr__(self, "targets", _checked_targets(self.targets))
         mts = self.modules_to_save
         if isinstance(mts, str) or not all(isinstance(m, str) and m for m in mts):
             raise ValueError(f"modules_to_save must be a list of module-name suffixes, got {mts!r}")

@@ -104,22 +104,13 @@ def run_demo(
             f"{agree:.1%} same predictions as unmerged on the first {n_check} test reviews",
         ),
         ("merged layers", "plain nn.Linear" if "AdaptedLayer" not in kinds else "NOT MERGED"),
-        (
-            "trainable params",
-            f"{summary['trainable_params']:,} ({100 * summary['trainable_params'] / summary['total_params']:.2f} %)",
-        ),
-        (
-            "training",
-            f"{summary['steps']} steps, {summary['time_s']:.0f} s, {summary['tokens_per_s']:.0f} tok/s",
-        ),
-        ("peak memory", f"{summary['peak_memory_mib']:.0f} MiB"),
+        *_training_rows(summary),
         ("adapter (PEFT format)", str(Path(output) / "adapter")),
         ("merged model folder", str(merged_dir)),
         ("loss curve", str(Path(output) / "loss.png")),
         ("total time", f"{time.perf_counter() - t0:.0f} s"),
     ]
-    width = max(len(k) for k, _ in rows)
-    print("\n" + "\n".join(f"  {k:<{width}}  {v}" for k, v in rows))
+    _print_rows(rows)
     return 0 if agree == 1.0 and "AdaptedLayer" not in kinds else 1
 
 
@@ -143,7 +134,6 @@ def run_sparse_demo(output: str = "runs/demo-sparse", max_steps: int | None = No
     from transformers.utils import logging as hf_logging
 
     from .evaluate import perplexity
-    from .prune import prune
 
     hf_logging.disable_progress_bar()
     t0 = time.perf_counter()
@@ -160,28 +150,9 @@ def run_sparse_demo(output: str = "runs/demo-sparse", max_steps: int | None = No
     dense = perplexity(model, held_out)
     print(f"dense perplexity on {len(held_out)} held-out windows: {dense:.2f}", flush=True)
 
-    t = time.perf_counter()
-    achieved = prune(
-        model,
-        "wanda",
-        cfg_d["sparsity"],
-        tokenizer=tok,
-        n_samples=cfg_d["calibration"],
-        seq_len=cfg_d["max_len"],
-        progress=False,
-    )
-    zeros = {
-        name: (module.weight == 0).clone()
-        for name, module in model.named_modules()
-        if name in achieved
-    }
+    zeros, what = _wanda(model, tok, cfg_d)
     pruned = perplexity(model, held_out)
-    mean_sp = sum(achieved.values()) / len(achieved)
-    print(
-        f"Wanda {cfg_d['sparsity']}: {len(achieved)} layers at {mean_sp:.1%} zeros "
-        f"({time.perf_counter() - t:.0f} s); perplexity {pruned:.2f}",
-        flush=True,
-    )
+    print(f"{what}; perplexity {pruned:.2f}", flush=True)
 
     cfg = TrainConfig.from_flat(
         dict(
@@ -206,16 +177,9 @@ def run_sparse_demo(output: str = "runs/demo-sparse", max_steps: int | None = No
     print(f"LoRS fine-tuned perplexity: {tuned:.2f} ({recovered:.0%} of the gap)", flush=True)
 
     merge(model)
-    kept = all(
-        bool((module.weight[zeros[name]] == 0).all())
-        for name, module in model.named_modules()
-        if name in zeros
-    )
-    two_four = all(
-        bool(((module.weight.reshape(-1, 4) != 0).sum(-1) <= 2).all())
-        for name, module in model.named_modules()
-        if name in zeros
-    )
+    layers = [(module, zeros[name]) for name, module in model.named_modules() if name in zeros]
+    kept = all(bool((m.weight[z] == 0).all()) for m, z in layers)
+    two_four = all(bool(((m.weight.reshape(-1, 4) != 0).sum(-1) <= 2).all()) for m, _ in layers)
     merged = perplexity(model, held_out)
     merged_dir = Path(output) / "merged"
     model.save_pretrained(merged_dir)
@@ -236,6 +200,47 @@ def run_sparse_demo(output: str = "runs/demo-sparse", max_steps: int | None = No
         ("merged model folder", str(merged_dir)),
         ("total time", f"{time.perf_counter() - t0:.0f} s"),
     ]
+    _print_rows(rows)
+    return 0 if kept and two_four and "AdaptedLayer" not in kinds else 1
+
+
+def _wanda(model, tok, cfg_d) -> tuple[dict[str, torch.Tensor], str]:
+    """Prune to the demo's sparsity with Wanda: each pruned layer's zero pattern, and a line
+    saying what was done."""
+    from .prune import prune
+
+    t = time.perf_counter()
+    achieved = prune(
+        model,
+        "wanda",
+        cfg_d["sparsity"],
+        tokenizer=tok,
+        n_samples=cfg_d["calibration"],
+        seq_len=cfg_d["max_len"],
+        progress=False,
+    )
+    mean_sp = sum(achieved.values()) / len(achieved)
+    what = (
+        f"Wanda {cfg_d['sparsity']}: {len(achieved)} layers at {mean_sp:.1%} zeros "
+        f"({time.perf_counter() - t:.0f} s)"
+    )
+    zeros = {n: (m.weight == 0).clone() for n, m in model.named_modules() if n in achieved}
+    return zeros, what
+
+
+def _print_rows(rows: list[tuple[str, str]]) -> None:
     width = max(len(k) for k, _ in rows)
     print("\n" + "\n".join(f"  {k:<{width}}  {v}" for k, v in rows))
-    return 0 if kept and two_four and "AdaptedLayer" not in kinds else 1
+
+
+def _training_rows(summary: dict) -> list[tuple[str, str]]:
+    share = 100 * summary["trainable_params"] / summary["total_params"]
+    return [
+        ("trainable params", f"{summary['trainable_params']:,} ({share:.2f} %)"),
+        (
+            "training",
+            f"{summary['steps']} steps, {summary['time_s']:.0f} s, "
+            f"{summary['tokens_per_s']:.0f} tok/s",
+        ),
+        ("peak memory", f"{summary['peak_memory_mib']:.0f} MiB"),
+    ]

@@ -299,6 +299,22 @@ def enable_checkpointing(model: nn.Module) -> nn.Module:
     return model
 
 
+def _patch_llama(model: nn.Module, recompute_norms: bool, mlp: str | None) -> None:
+    """RMSNorm modules replaced, gated SiLU MLPs' forward swapped (LLaMA family)."""
+    for name, module in list(model.named_modules()):
+        cls = type(module).__name__
+        if recompute_norms and cls.endswith("RMSNorm"):
+            parent, _, leaf = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, leaf, RMSNorm(module))
+        gated = all(hasattr(module, a) for a in ("gate_proj", "up_proj", "down_proj"))
+        if mlp is None or not cls.endswith("MLP") or not gated:
+            continue
+        act = getattr(getattr(module, "config", None), "hidden_act", "silu")
+        if act in ("silu", "swish"):
+            fwd = _gated_mlp_recompute_forward if mlp == "recompute" else _gated_mlp_forward
+            module.forward = types.MethodType(fwd, module)
+
+
 def reduce_activation_memory(
     model: nn.Module,
     *,
@@ -342,20 +358,7 @@ def reduce_activation_memory(
         model._lorakit_chunk = chunk_size
         model.forward = types.MethodType(_chunked_forward, model)
     if llama:
-        for name, module in list(model.named_modules()):
-            cls = type(module).__name__
-            if recompute_norms and cls.endswith("RMSNorm"):
-                parent, _, leaf = name.rpartition(".")
-                setattr(model.get_submodule(parent) if parent else model, leaf, RMSNorm(module))
-            if (
-                mlp is not None
-                and cls.endswith("MLP")
-                and all(hasattr(module, a) for a in ("gate_proj", "up_proj", "down_proj"))
-            ):
-                act = getattr(getattr(module, "config", None), "hidden_act", "silu")
-                if act in ("silu", "swish"):
-                    fwd = _gated_mlp_recompute_forward if mlp == "recompute" else _gated_mlp_forward
-                    module.forward = types.MethodType(fwd, module)
+        _patch_llama(model, recompute_norms, mlp)
     if gpt2 and mlp == "recompute":
         for module in model.modules():
             if type(module).__name__ == "GPT2MLP":

@@ -88,55 +88,16 @@ def encode_examples(
     Returns:
         One dict per record, in order.
     """
-    if isinstance(max_len, bool) or not isinstance(max_len, int) or max_len < 1:
-        raise ValueError(f"max_len must be a positive int, got {max_len!r}")
-    if (template is None) != (label_words is None):
-        raise ValueError(
-            "template and label_words go together: pass both for text/label records or neither; "
-            f"got template={template!r}, label_words={label_words!r}"
-        )
-    if template is not None and "{text}" not in template:
-        raise ValueError(f"template must contain '{{text}}', got {template!r}")
-    if label_words is not None and (
-        not label_words or not all(isinstance(w, str) and w for w in label_words)
-    ):
-        raise ValueError(
-            f"label_words must be a non-empty list of non-empty str, got {label_words!r}"
-        )
-
+    _check_encode_args(max_len, template, label_words)
     bos = _bos_prefix(tokenizer)
     if max_len <= len(bos):
         raise ValueError(f"max_len={max_len} leaves no room after the bos token")
-
-    prompts: list[str] = []
-    completions: list[str] = []  # plain text records: the whole text, prompt ""
-    plain: list[bool] = []  # loss on every token
+    prompts, completions, plain = [], [], []  # plain: loss on every token (prompt "")
     for i, record in enumerate(records):
-        where = f"record {i}"
-        _, form = validate_record(record, where)
-        if form == "sft":
-            prompts.append(record["prompt"])
-            completions.append(record["completion"])
-            plain.append(False)
-        elif form == "labelled":
-            if template is None or label_words is None:
-                raise ValueError(
-                    f"{where} has a label; pass template= and label_words= to train it as "
-                    "classification, or drop the 'label' key to train on the text"
-                )
-            label = record["label"]
-            if not 0 <= label < len(label_words):
-                raise ValueError(
-                    f"{where} has label {label}, but label_words has {len(label_words)} entries "
-                    f"(allowed labels 0..{len(label_words) - 1})"
-                )
-            prompts.append(template.replace("{text}", record["text"]))
-            completions.append(label_words[label])
-            plain.append(False)
-        else:
-            prompts.append("")
-            completions.append(record["text"])
-            plain.append(True)
+        prompt, completion, is_plain = _split_record(record, f"record {i}", template, label_words)
+        prompts.append(prompt)
+        completions.append(completion)
+        plain.append(is_plain)
 
     # Batch calls are much faster than one call per record with fast tokenizers.
     prompt_ids = _tokenize(tokenizer, prompts)
@@ -165,6 +126,47 @@ def encode_examples(
             stacklevel=2,
         )
     return examples
+
+
+def _check_encode_args(max_len: int, template: str | None, label_words: list[str] | None) -> None:
+    if isinstance(max_len, bool) or not isinstance(max_len, int) or max_len < 1:
+        raise ValueError(f"max_len must be a positive int, got {max_len!r}")
+    if (template is None) != (label_words is None):
+        raise ValueError(
+            "template and label_words go together: pass both for text/label records or neither; "
+            f"got template={template!r}, label_words={label_words!r}"
+        )
+    if template is not None and "{text}" not in template:
+        raise ValueError(f"template must contain '{{text}}', got {template!r}")
+    if label_words is not None and (
+        not label_words or not all(isinstance(w, str) and w for w in label_words)
+    ):
+        raise ValueError(
+            f"label_words must be a non-empty list of non-empty str, got {label_words!r}"
+        )
+
+
+def _split_record(
+    record: Record, where: str, template: str | None, label_words: list[str] | None
+) -> tuple[str, str, bool]:
+    """(prompt, completion, loss on every token) of one record."""
+    _, form = validate_record(record, where)
+    if form == "sft":
+        return record["prompt"], record["completion"], False
+    if form != "labelled":
+        return "", record["text"], True
+    if template is None or label_words is None:
+        raise ValueError(
+            f"{where} has a label; pass template= and label_words= to train it as "
+            "classification, or drop the 'label' key to train on the text"
+        )
+    label = record["label"]
+    if not 0 <= label < len(label_words):
+        raise ValueError(
+            f"{where} has label {label}, but label_words has {len(label_words)} entries "
+            f"(allowed labels 0..{len(label_words) - 1})"
+        )
+    return template.replace("{text}", record["text"]), label_words[label], False
 
 
 def _tokenize(tokenizer: Any, texts: list[str]) -> list[list[int]]:
