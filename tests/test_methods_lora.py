@@ -10,12 +10,12 @@ import lorakit as lk
 from lorakit.methods.lora import LoRAFunction
 
 
-def _inputs(fifo: bool, bias: bool, dtype=torch.float64, n=5, d_in=6, d_out=4, r=3):
+def _inputs(fan_in_fan_out: bool, bias: bool, dtype=torch.float64, n=5, d_in=6, d_out=4, r=3):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(n, d_in, dtype=dtype, generator=g, requires_grad=True)
     w = (
         torch.randn(d_in, d_out, dtype=dtype, generator=g)
-        if fifo
+        if fan_in_fan_out
         else torch.randn(d_out, d_in, dtype=dtype, generator=g)
     )
     b = torch.randn(d_out, dtype=dtype, generator=g) if bias else None
@@ -24,23 +24,23 @@ def _inputs(fifo: bool, bias: bool, dtype=torch.float64, n=5, d_in=6, d_out=4, r
     return x, w, b, A, B
 
 
-@pytest.mark.parametrize("fifo", [False, True])
+@pytest.mark.parametrize("fan_in_fan_out", [False, True])
 @pytest.mark.parametrize("bias", [False, True])
-def test_gradcheck_float64(fifo, bias):
-    x, w, b, A, B = _inputs(fifo, bias)
+def test_gradcheck_float64(fan_in_fan_out, bias):
+    x, w, b, A, B = _inputs(fan_in_fan_out, bias)
     assert torch.autograd.gradcheck(
-        lambda x, A, B: LoRAFunction.apply(x, w, b, A, B, 0.7, fifo), (x, A, B)
+        lambda x, A, B: LoRAFunction.apply(x, w, b, A, B, 0.7, fan_in_fan_out), (x, A, B)
     )
 
 
-@pytest.mark.parametrize("fifo", [False, True])
-def test_matches_plain_autograd(fifo):
-    x, w, b, A, B = _inputs(fifo, True, dtype=torch.float32, n=16, d_in=12, d_out=10, r=4)
+@pytest.mark.parametrize("fan_in_fan_out", [False, True])
+def test_matches_plain_autograd(fan_in_fan_out):
+    x, w, b, A, B = _inputs(fan_in_fan_out, True, dtype=torch.float32, n=16, d_in=12, d_out=10, r=4)
     g = torch.randn(16, 10)
-    y = LoRAFunction.apply(x, w, b, A, B, 2.0, fifo)
+    y = LoRAFunction.apply(x, w, b, A, B, 2.0, fan_in_fan_out)
     grads = torch.autograd.grad(y, (x, A, B), g)
     x2, A2, B2 = (t.detach().clone().requires_grad_() for t in (x, A, B))
-    w_oi = w.t() if fifo else w
+    w_oi = w.t() if fan_in_fan_out else w
     y_ref = x2 @ w_oi.t() + b + 2.0 * (x2 @ A2.t()) @ B2.t()
     ref = torch.autograd.grad(y_ref, (x2, A2, B2), g)
     torch.testing.assert_close(y, y_ref)

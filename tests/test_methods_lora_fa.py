@@ -11,10 +11,10 @@ import lorakit as lk
 from lorakit.methods.lora_fa import LoRAFAFunction
 
 
-def _inputs(fifo: bool, dtype=torch.float64, n=5, d_in=6, d_out=4, r=3):
+def _inputs(fan_in_fan_out: bool, dtype=torch.float64, n=5, d_in=6, d_out=4, r=3):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(n, d_in, dtype=dtype, generator=g, requires_grad=True)
-    shape = (d_in, d_out) if fifo else (d_out, d_in)
+    shape = (d_in, d_out) if fan_in_fan_out else (d_out, d_in)
     w = torch.randn(shape, dtype=dtype, generator=g)
     b = torch.randn(d_out, dtype=dtype, generator=g)
     A = torch.randn(r, d_in, dtype=dtype, generator=g)
@@ -32,11 +32,11 @@ def _seeded(fn):
     return call
 
 
-@pytest.mark.parametrize("fifo", [False, True])
+@pytest.mark.parametrize("fan_in_fan_out", [False, True])
 @pytest.mark.parametrize("p", [0.0, 0.3])
-def test_gradcheck_float64(fifo, p):
-    x, w, b, A, B = _inputs(fifo)
-    fn = _seeded(lambda x, B: LoRAFAFunction.apply(x, w, b, A, B, 0.7, fifo, p))
+def test_gradcheck_float64(fan_in_fan_out, p):
+    x, w, b, A, B = _inputs(fan_in_fan_out)
+    fn = _seeded(lambda x, B: LoRAFAFunction.apply(x, w, b, A, B, 0.7, fan_in_fan_out, p))
     assert torch.autograd.gradcheck(fn, (x, B))
 
 

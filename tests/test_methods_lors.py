@@ -13,7 +13,7 @@ import lorakit as lk
 from lorakit.methods.lors import LoRSFunction, pack_mask
 
 
-def _inputs(fifo: bool, dtype=torch.float64, n=5, d_in=8, d_out=6, r=3, seed=0):
+def _inputs(fan_in_fan_out: bool, dtype=torch.float64, n=5, d_in=8, d_out=6, r=3, seed=0):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, d_in, dtype=dtype, generator=g, requires_grad=True)
     w = torch.randn(d_out, d_in, dtype=dtype, generator=g)
@@ -21,25 +21,25 @@ def _inputs(fifo: bool, dtype=torch.float64, n=5, d_in=8, d_out=6, r=3, seed=0):
     b = torch.randn(d_out, dtype=dtype, generator=g)
     A = torch.randn(r, d_in, dtype=dtype, generator=g, requires_grad=True)
     B = torch.randn(d_out, r, dtype=dtype, generator=g, requires_grad=True)
-    return x, (w.t().contiguous() if fifo else w), b, A, B
+    return x, (w.t().contiguous() if fan_in_fan_out else w), b, A, B
 
 
-@pytest.mark.parametrize("fifo", [False, True])
-def test_exact_gradcheck_float64(fifo):
-    x, w, b, A, B = _inputs(fifo)
+@pytest.mark.parametrize("fan_in_fan_out", [False, True])
+def test_exact_gradcheck_float64(fan_in_fan_out):
+    x, w, b, A, B = _inputs(fan_in_fan_out)
     assert torch.autograd.gradcheck(
-        lambda x, A, B: LoRSFunction.apply(x, w, b, A, B, pack_mask(w), 0.7, fifo, True), (x, A, B)
+        lambda x, A, B: LoRSFunction.apply(x, w, b, A, B, pack_mask(w), 0.7, fan_in_fan_out, True), (x, A, B)
     )
 
 
-@pytest.mark.parametrize("fifo", [False, True])
-def test_exact_equals_autograd_of_masked_forward(fifo, monkeypatch):
+@pytest.mark.parametrize("fan_in_fan_out", [False, True])
+def test_exact_equals_autograd_of_masked_forward(fan_in_fan_out, monkeypatch):
     monkeypatch.setattr("lorakit.methods.lors.TILE_ELEMENTS", 20)  # tiles of 2 rows of 10
-    x, w, b, A, B = _inputs(fifo, torch.float64, n=7, d_in=10, d_out=9, r=4)
+    x, w, b, A, B = _inputs(fan_in_fan_out, torch.float64, n=7, d_in=10, d_out=9, r=4)
     g = torch.randn(7, 9, dtype=torch.float64)
-    y = LoRSFunction.apply(x, w, b, A, B, pack_mask(w), 1.3, fifo, True)
+    y = LoRSFunction.apply(x, w, b, A, B, pack_mask(w), 1.3, fan_in_fan_out, True)
     got = torch.autograd.grad(y, (x, A, B), g)
-    w_oi = w.t() if fifo else w
+    w_oi = w.t() if fan_in_fan_out else w
     x2, A2, B2 = (t.detach().clone().requires_grad_() for t in (x, A, B))
     y_ref = x2 @ ((w_oi + 1.3 * B2 @ A2) * (w_oi != 0)).t() + b
     want = torch.autograd.grad(y_ref, (x2, A2, B2), g)

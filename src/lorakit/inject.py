@@ -314,7 +314,9 @@ def _replace(model: nn.Module, path: str, module: nn.Module) -> None:
 
 
 def merge(model: nn.Module, name: str | None = None) -> nn.Module:
-    """Merge an adapter into the base weights and return plain layers, in place.
+    """Merge and unload: fold an adapter into the base weights and return plain layers, in place.
+
+    (Per layer, :meth:`AdaptedLayer.merge` merges in place and keeps the adapter, for unmerging.)
 
     Args:
         model: an injected model.

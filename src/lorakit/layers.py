@@ -107,7 +107,9 @@ class AdaptedLayer(nn.Module):
 
     @torch.no_grad()
     def merge(self, name: str | None = None) -> None:
-        """Fold adapter ``name`` (default: the active one) into the weight. No-op if merged."""
+        """Merge in place: fold adapter ``name`` (default: the active one) into this layer's weight;
+        the layer stays an AdaptedLayer (``unmerge`` undoes it; :func:`lorakit.merge` instead
+        merges the whole model and returns plain layers). No-op if already merged."""
         name = name or self.active
         if name is None or name in self.merged:
             return

@@ -91,10 +91,10 @@ def embed_low_rank(
 
 
 def _base(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, fifo: bool
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, fan_in_fan_out: bool
 ) -> torch.Tensor:
     # x (N, in); weight (out, in), or (in, out) when fan_in_fan_out (GPT-2 Conv1D).
-    w = weight if fifo else weight.t()
+    w = weight if fan_in_fan_out else weight.t()
     return x @ w if bias is None else torch.addmm(bias, x, w)
 
 
@@ -124,7 +124,7 @@ class LoRAFunction(torch.autograd.Function):
             h = x_c @ A.to(cd).t()  # (N, r)
             y.addmm_(h, B.to(cd).t(), alpha=scaling)
         ctx.save_for_backward(x, weight, A, B)
-        ctx.scaling, ctx.fifo, ctx.cd, ctx.bias_dtype = (
+        ctx.scaling, ctx.fan_in_fan_out, ctx.cd, ctx.bias_dtype = (
             scaling,
             fan_in_fan_out,
             cd,
@@ -142,11 +142,11 @@ class LoRAFunction(torch.autograd.Function):
         dx = dW = db = dA = dB = None
         if ctx.needs_input_grad[0]:
             w = weight.to(cd)
-            dx = g_c @ (w.t() if ctx.fifo else w)  # (N, in)
+            dx = g_c @ (w.t() if ctx.fan_in_fan_out else w)  # (N, in)
             dx = dx.addmm_(dh, A_c).to(x.dtype)
         if ctx.needs_input_grad[1]:  # only if the caller unfroze the base weight
             dW = g_c.t() @ x_c  # (out, in)
-            dW = (dW.t() if ctx.fifo else dW).to(weight.dtype)
+            dW = (dW.t() if ctx.fan_in_fan_out else dW).to(weight.dtype)
         if ctx.needs_input_grad[2]:
             db = g_c.sum(0).to(ctx.bias_dtype)
         if ctx.needs_input_grad[3]:

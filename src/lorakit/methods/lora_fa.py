@@ -69,7 +69,7 @@ class LoRAFAFunction(torch.autograd.Function):
             h = x_c @ A.to(cd).t()  # (N, r)
             y.addmm_(h, B.to(cd).t(), alpha=scaling)
         ctx.save_for_backward(h.to(out_dtype), weight, A, B, rng)
-        ctx.scaling, ctx.fifo, ctx.p, ctx.cd = scaling, fan_in_fan_out, p, cd
+        ctx.scaling, ctx.fan_in_fan_out, ctx.p, ctx.cd = scaling, fan_in_fan_out, p, cd
         ctx.x_meta = (x.shape, x.dtype, x.device)
         return y.to(out_dtype)
 
@@ -83,7 +83,7 @@ class LoRAFAFunction(torch.autograd.Function):
         dx = dB = None
         if ctx.needs_input_grad[0]:
             w = weight.to(cd)
-            dx = g_c @ (w.t() if ctx.fifo else w)  # (N, in)
+            dx = g_c @ (w.t() if ctx.fan_in_fan_out else w)  # (N, in)
             dxd = (g_c @ B.to(cd)) @ A.to(cd)  # (N, in): gradient through the adapter branch
             if ctx.p > 0:
                 dxd.mul_(_dropout_mask(shape, ctx.p, cd, device, rng))

@@ -53,9 +53,9 @@ def pack_mask(w: torch.Tensor) -> torch.Tensor:
 def unpack_mask(bits: torch.Tensor, shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
     """The 0/1 mask of :func:`pack_mask` in ``dtype`` and ``shape``.
 
-    Shift-and-mask, then one cast: about the cost of re-deriving it with ``torch.ne(w, 0)``. (A 0/1
+    Shift-and-mask, then one cast: about the cost of re-deriving it with ``torch.ne(w, 0)``. A 0/1
     mask in the weight's dtype is multiplied in branch-free; ``masked_fill_`` branches per element,
-    which a random 2:4 pattern mispredicts half the time: measured 2-4x slower.)
+    which a random 2:4 pattern mispredicts half the time (figures: bench/results/sparse.md).
     """
     shifts = torch.arange(8, dtype=torch.uint8, device=bits.device)
     m = torch.bitwise_right_shift(bits[:, None], shifts).bitwise_and_(1)  # (numel / 8, 8)
@@ -67,7 +67,7 @@ def masked_weight(
     A: torch.Tensor,
     B: torch.Tensor,
     s: float,
-    fifo: bool,
+    fan_in_fan_out: bool,
     mask: torch.Tensor,
 ) -> torch.Tensor:
     """W' = (W + s·B A) ⊙ M in M's dtype, in W's layout ((in, out) when fan_in_fan_out).
@@ -78,7 +78,7 @@ def masked_weight(
     dtype = mask.dtype
     w = weight.to(dtype)
     A, B = A.to(dtype), B.to(dtype)
-    out = torch.addmm(w, A.t(), B.t(), alpha=s) if fifo else torch.addmm(w, B, A, alpha=s)
+    out = torch.addmm(w, A.t(), B.t(), alpha=s) if fan_in_fan_out else torch.addmm(w, B, A, alpha=s)
     return out.mul_(mask)
 
 
@@ -105,14 +105,14 @@ class LoRSFunction(torch.autograd.Function):
             w_t = w if fan_in_fan_out else w.t()  # (in, out)
             y = x_c @ w_t if bias is None else torch.addmm(bias.to(cd), x_c, w_t)
         ctx.save_for_backward(x, weight, A, B, bits)
-        ctx.scaling, ctx.fifo, ctx.exact, ctx.cd = scaling, fan_in_fan_out, exact, cd
+        ctx.scaling, ctx.fan_in_fan_out, ctx.exact, ctx.cd = scaling, fan_in_fan_out, exact, cd
         return y.to(out_dtype)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, g):
         x, weight, A, B, bits = ctx.saved_tensors
-        s, fifo, cd = ctx.scaling, ctx.fifo, ctx.cd
+        s, fan_in_fan_out, cd = ctx.scaling, ctx.fan_in_fan_out, ctx.cd
         g_c, x_c, A_c, B_c = g.to(cd), x.to(cd), A.to(cd), B.to(cd)
         need_x = ctx.needs_input_grad[0]
         need_ab = ctx.needs_input_grad[3] or ctx.needs_input_grad[4]
@@ -121,11 +121,11 @@ class LoRSFunction(torch.autograd.Function):
         # Built once for W' and the exact gradient's tiles.
         mask = unpack_mask(bits, weight.shape, cd) if need_x or exact else None
         if need_x:
-            w = masked_weight(weight, A, B, s, fifo, mask)
-            dx = (g_c @ (w.t() if fifo else w)).to(x.dtype)  # (N, in)
+            w = masked_weight(weight, A, B, s, fan_in_fan_out, mask)
+            dx = (g_c @ (w.t() if fan_in_fan_out else w)).to(x.dtype)  # (N, in)
             del w
         if exact:
-            m_oi = mask.t() if fifo else mask  # (out, in), a view
+            m_oi = mask.t() if fan_in_fan_out else mask  # (out, in), a view
             dA = torch.zeros_like(A_c)
             dB = torch.empty_like(B_c)
             rows = max(1, TILE_ELEMENTS // m_oi.shape[1])
