@@ -25,15 +25,18 @@ PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "
 
 def machine() -> str:
     """One line describing where the numbers were taken: device, CPU model, the CPU's bf16 / fp16
-    / AMX flags, torch's CPU capability and the dtype 16-bit adapted layers compute in on CPU."""
+    / AMX flags, torch's CPU capability, the dtype 16-bit adapted layers compute in on CPU, and
+    the load average (other jobs on the same cores slow every peer, unevenly)."""
     dev = (
         torch.cuda.get_device_name()
         if torch.cuda.is_available()
         else f"CPU, {torch.get_num_threads()} threads"
     )
+    load = os.getloadavg() if hasattr(os, "getloadavg") else None
     return (
         f"{dev}; {hardware.cpu_model()}; {hardware.describe()}; "
         f"torch {torch.__version__}; python {platform.python_version()}"
+        + (f"; load average {load[0]:.1f} / {load[2]:.1f} (1 / 15 min)" if load else "")
     )
 
 

@@ -56,8 +56,8 @@ def peers_for(base: torch.nn.Module, dtype: torch.dtype) -> list[Peer]:
 
 
 def plot(md: Path, out: Path) -> None:
-    """Two panels from ``md``'s table: saved MiB per row and median step time of the timed rows,
-    each dtype's lorakit / PEFT ratio written on its lorakit bar."""
+    """Two panels from ``md``'s table: saved MiB per row, and each timed row's median step time
+    relative to PEFT's in the same dtype (seconds written on the bars)."""
     plt = pyplot()
     rows = table_rows(md.read_text())
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
@@ -66,15 +66,15 @@ def plot(md: Path, out: Path) -> None:
     left.set_xlabel("saved for backward, MiB")
     left.invert_yaxis()
     timed = [r for r in rows if r[5] != "-"]
-    bars = right.barh([f"{r[0]}: {r[1]}" for r in timed], [float(r[5]) for r in timed])
+    ratios = [float(r[6].rstrip("x")) for r in timed]
+    bars = right.barh([f"{r[0]}: {r[1]}" for r in timed], ratios)
     for bar, r in zip(bars, timed, strict=True):
         bar.set_color("tab:orange" if r[1].startswith("lorakit") else "tab:gray")
-        if r[1].startswith("lorakit"):
-            right.text(
-                bar.get_width(), bar.get_y() + bar.get_height() / 2, f" {r[6]} PEFT", va="center"
-            )
-    right.set_xscale("log")
-    right.set_xlabel("median step s (fwd + bwd + AdamW), log scale")
+        y = bar.get_y() + bar.get_height() / 2
+        right.text(bar.get_width(), y, f" {r[6]} ({r[5]} s)", va="center")
+    right.axvline(1.0, color="k", ls="--", lw=1, zorder=0)
+    right.set_xlim(0, 1.75)
+    right.set_xlabel("median step time vs PEFT, same dtype")
     right.invert_yaxis()
     fig.suptitle("lorakit LoRA vs PEFT LoRA, SmolLM2-135M, batch 1, seq 512, r=16, 7 projections")
     fig.tight_layout()
