@@ -109,8 +109,8 @@ class LoRAFunction(torch.autograd.Function):
               with H recomputed from x (an N·in·r GEMM) instead of being kept.
     saves:    x (its storage is shared with every other consumer of x, e.g. q/k/v), plus W, A,
               B, which are parameters: N·in activation elements per layer, PEFT keeps N·(in + r).
-    dtypes:   computes in :func:`layer_dtypes`' compute dtype (fp32 for 16-bit on CPU,
-              transiently), returns the output dtype (the autocast dtype under autocast).
+    dtypes:   computes in :func:`layer_dtypes`' compute dtype (on CPUs without 16-bit units,
+              fp32 for 16-bit inputs, transiently), returns the output dtype (autocast's).
     A base weight/bias that requires grad gets dW = Gᵀ x and db = Σ G as plain linear layers do.
     """
 
