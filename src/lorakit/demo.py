@@ -61,24 +61,9 @@ def run_demo(
         flush=True,
     )
 
-    cfg = TrainConfig.from_flat(
-        dict(
-            model="smollm2-135m",
-            data="rotten-tomatoes",
-            method=method,
-            rank=DEMO["rank"],
-            alpha=DEMO["alpha"],
-            max_steps=max_steps or DEMO["max_steps"],
-            batch_size=DEMO["batch_size"],
-            lr=DEMO["lr"],
-            max_len=DEMO["max_len"],
-            prompt=DEMO["prompt"],
-            seed=seed,
-            eval_examples=64,
-            save_every=0,
-            output=output,
-        )
-    )
+    run = {"model": "smollm2-135m", "data": "rotten-tomatoes", "method": method, "seed": seed}
+    run |= {"eval_examples": 64, "save_every": 0, "output": output}
+    cfg = TrainConfig.from_flat({**DEMO, **run, "max_steps": max_steps or DEMO["max_steps"]})
     result = train(cfg, model=model, tokenizer=tok, overwrite=True)
     summary = result["summary"]
 
@@ -154,23 +139,11 @@ def run_sparse_demo(output: str = "runs/demo-sparse", max_steps: int | None = No
     pruned = perplexity(model, held_out)
     print(f"{what}; perplexity {pruned:.2f}", flush=True)
 
-    cfg = TrainConfig.from_flat(
-        dict(
-            model="smollm2-135m",
-            data="shakespeare",
-            method="lors",
-            rank=cfg_d["rank"],
-            alpha=cfg_d["alpha"],
-            max_steps=max_steps or cfg_d["max_steps"],
-            batch_size=cfg_d["batch_size"],
-            lr=cfg_d["lr"],
-            max_len=cfg_d["max_len"],
-            seed=seed,
-            eval_examples=cfg_d["eval_windows"],
-            save_every=0,
-            output=output,
-        )
-    )
+    train_keys = ("rank", "alpha", "max_steps", "batch_size", "lr", "max_len")
+    run = {"model": "smollm2-135m", "data": "shakespeare", "method": "lors", "seed": seed}
+    run |= {"eval_examples": cfg_d["eval_windows"], "save_every": 0, "output": output}
+    run |= {k: cfg_d[k] for k in train_keys} | {"max_steps": max_steps or cfg_d["max_steps"]}
+    cfg = TrainConfig.from_flat(run)
     summary = train(cfg, model=model, tokenizer=tok, overwrite=True)["summary"]
     tuned = perplexity(model, held_out)
     recovered = (pruned - tuned) / (pruned - dense) if pruned > dense else float("nan")
