@@ -32,7 +32,7 @@ RESUMABLE_CHANGES = (
 )
 
 
-def _trainable(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+def trainable_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
     return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
 
 
@@ -50,7 +50,7 @@ def save_checkpoint(
     from .distributed import all_gather, full
 
     if cfg.method == "full":
-        weights = {n: full(p.detach()).cpu().contiguous() for n, p in _trainable(model)}
+        weights = {n: full(p.detach()).cpu().contiguous() for n, p in trainable_parameters(model)}
     else:
         adapter = adapter_payload(model)
     state = optimizer.state_dict()
@@ -114,7 +114,7 @@ def load_weights(folder: Path, model, cfg: TrainConfig) -> dict[str, Any]:
     with torch.no_grad():
         if cfg.method == "full":
             weights = load_file(folder / "weights.safetensors")
-            for n, p in _trainable(model):
+            for n, p in trainable_parameters(model):
                 p.copy_(weights[n])
         else:
             saved = read_adapter(folder / "adapter")

@@ -23,11 +23,11 @@ from torch import nn
 
 from . import distributed as dist
 from .checkpoint import (
-    _trainable,
     find_checkpoint,
     load_trainer_state,
     load_weights,
     save_checkpoint,
+    trainable_parameters,
 )
 from .config import DTYPES, TrainConfig
 from .distributed import Context
@@ -198,7 +198,7 @@ def setup(
     if ctx.enabled:
         model = dist.wrap(model, cfg.strategy, ctx)  # after loading: FSDP shards in place
         torch.manual_seed(cfg.seed + ctx.rank)  # per-rank dropout masks
-    params = [p for _, p in _trainable(model)]
+    params = [p for _, p in trainable_parameters(model)]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
     run = Run(
