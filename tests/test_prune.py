@@ -69,40 +69,91 @@ def test_gpt2_conv1d_and_skips_embeddings_and_head():
     assert int((w != 0).reshape(w.shape[0], -1, 4).sum(-1).max()) == 2
 
 
-def test_wanda_matches_reference():
-    """Reference: for each block in turn, a full forward of the partly pruned model collects the
-    block's layer inputs; score |W|·‖X_j‖, drop the lowest half of each row."""
+STAGES = {  # groups of layers calibrated together, in order
+    False: [PROJ],  # one pass over the unpruned block (the reference code's order)
+    True: [("q_proj", "k_proj", "v_proj"), ("o_proj",), ("gate_proj", "up_proj"), ("down_proj",)],
+}
+
+
+def _reference_prune(model, calib, true_sequential, prune_layer):
+    """For each block and each group of its layers in turn, a full forward of the partly pruned
+    model collects the group's layer inputs (float64); ``prune_layer(module, x)`` prunes each."""
+    for block in model.model.layers:
+        for stage in STAGES[true_sequential]:
+            xs: dict[str, list[torch.Tensor]] = {}
+            mods = {n: m for n, m in block.named_modules() if n.endswith(stage)}
+            hooks = [
+                m.register_forward_hook(
+                    lambda mod, a, o, n=n, xs=xs: xs.setdefault(n, []).append(
+                        a[0].double().reshape(-1, a[0].shape[-1])
+                    )
+                )
+                for n, m in mods.items()
+            ]
+            with torch.no_grad():
+                model(input_ids=calib)
+            for h in hooks:
+                h.remove()
+            for n, m in mods.items():
+                with torch.no_grad():
+                    prune_layer(m, torch.cat(xs[n]))
+
+
+def _wanda_half(m, x):
+    score = m.weight.abs().double() * (x**2).sum(0).sqrt()
+    drop = score.argsort(dim=1)[:, : m.weight.shape[1] // 2]
+    m.weight.scatter_(1, drop, 0.0)
+
+
+def _sparsegpt_24(m, x):
+    m.weight.copy_(sparsegpt_prune(m.weight, 2 * x.t() @ x / len(x), Sparsity.parse("2:4")))
+
+
+@pytest.mark.parametrize("true_sequential", [False, True])
+def test_wanda_matches_reference(true_sequential):
+    """Score |W|·‖X_j‖ over the layer's calibration inputs, drop the lowest half of each row."""
     model = build("llama")
     ref = copy.deepcopy(model)
     calib = _calib()
-    lk.prune(model, "wanda", 0.5, calib, progress=False, batch_size=3)
-    for block in ref.model.layers:
-        sq: dict[str, torch.Tensor] = {}
-
-        def record(name, sq=sq):
-            def fn(mod, a, o):
-                x = a[0].double().reshape(-1, a[0].shape[-1])
-                sq[name] = sq.get(name, 0) + (x**2).sum(0)
-
-            return fn
-
-        hooks = [
-            m.register_forward_hook(record(n)) for n, m in block.named_modules() if n.endswith(PROJ)
-        ]
-        with torch.no_grad():
-            ref(input_ids=calib)
-        for h in hooks:
-            h.remove()
-        for n, m in block.named_modules():
-            if n.endswith(PROJ):
-                score = m.weight.abs().double() * sq[n].sqrt()
-                k = m.weight.shape[1] // 2
-                drop = score.argsort(dim=1)[:, :k]
-                with torch.no_grad():
-                    m.weight.scatter_(1, drop, 0.0)
+    lk.prune(
+        model, "wanda", 0.5, calib, progress=False, batch_size=3, true_sequential=true_sequential
+    )
+    _reference_prune(ref, calib, true_sequential, _wanda_half)
     for (n, a), (_, b) in zip(_linears(model).items(), _linears(ref).items(), strict=True):
         assert torch.equal(a.weight == 0, b.weight == 0), n
         assert torch.equal(a.weight, b.weight), n
+
+
+@pytest.mark.parametrize("true_sequential", [False, True])
+def test_sparsegpt_prune_matches_reference(true_sequential):
+    """sparsegpt_prune on each layer on its own, from its H in float64."""
+    model = build("llama")
+    ref = copy.deepcopy(model)
+    calib = _calib()
+    lk.prune(
+        model, "sparsegpt", "2:4", calib, progress=False, batch_size=3,
+        true_sequential=true_sequential,
+    )  # fmt: skip
+    _reference_prune(ref, calib, true_sequential, _sparsegpt_24)
+    for (n, a), (_, b) in zip(_linears(model).items(), _linears(ref).items(), strict=True):
+        assert torch.equal(a.weight == 0, b.weight == 0), n
+        torch.testing.assert_close(a.weight, b.weight, rtol=1e-4, atol=1e-5)
+
+
+def test_true_sequential_differs_from_one_pass():
+    """Calibrating o/gate/up/down on already-pruned inputs changes their masks (else the option
+    would be vacuous on this model)."""
+    a, b = build("llama"), build("llama")
+    b.load_state_dict(a.state_dict())
+    lk.prune(a, "wanda", 0.5, _calib(), progress=False, true_sequential=True)
+    lk.prune(b, "wanda", 0.5, _calib(), progress=False, true_sequential=False)
+    la, lb = _linears(a), _linears(b)
+    assert torch.equal(
+        la["model.layers.0.self_attn.q_proj"].weight, lb["model.layers.0.self_attn.q_proj"].weight
+    )
+    assert not torch.equal(
+        la["model.layers.0.mlp.down_proj"].weight, lb["model.layers.0.mlp.down_proj"].weight
+    )
 
 
 def _naive_obs(w, H, mask, damp=0.01):
@@ -235,48 +286,30 @@ def test_shared_inputs_are_grouped():
     model = build("llama")
     block = model.model.layers[0]
     layers = {p: m for p, m in block.named_modules() if p.endswith(PROJ)}
-    calib = _Calibration(layers, gram=True)
+    inputs = []
+    h = block.register_forward_pre_hook(lambda m, a, k: inputs.append((a, k)), with_kwargs=True)
     with torch.no_grad():
         model(input_ids=_calib(2))
         model(input_ids=_calib(3))
-    calib.close()
-    assert calib.groups() == {
-        "self_attn.q_proj": ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],
-        "self_attn.o_proj": ["self_attn.o_proj"],
-        "mlp.gate_proj": ["mlp.gate_proj", "mlp.up_proj"],
-        "mlp.down_proj": ["mlp.down_proj"],
-    }
+    h.remove()
+    calib = _Calibration(layers, gram=True).run(block, inputs)
+    assert calib.groups(layers) == [
+        ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],
+        ["self_attn.o_proj"],
+        ["mlp.gate_proj", "mlp.up_proj"],
+        ["mlp.down_proj"],
+    ]
     assert calib.tokens["mlp.gate_proj"] == 5 * 16
-
-
-def test_sparsegpt_prune_matches_reference():
-    """Reference: for each block in turn, a full forward of the partly pruned model collects each
-    layer's H in float64; sparsegpt_prune on each layer on its own."""
-    model = build("llama")
-    ref = copy.deepcopy(model)
-    calib = _calib()
-    lk.prune(model, "sparsegpt", "2:4", calib, progress=False, batch_size=3)
-    for block in ref.model.layers:
-        xs: dict[str, list[torch.Tensor]] = {}
-        hooks = [
-            m.register_forward_hook(
-                lambda mod, a, o, n=n, xs=xs: xs.setdefault(n, []).append(
-                    a[0].reshape(-1, a[0].shape[-1])
-                )
-            )
-            for n, m in block.named_modules()
-            if n.endswith(PROJ)
-        ]
-        with torch.no_grad():
-            ref(input_ids=calib)
-        for h in hooks:
-            h.remove()
-        for n, m in block.named_modules():
-            if n.endswith(PROJ):
-                x = torch.cat(xs[n]).double()
-                new = sparsegpt_prune(m.weight, 2 * x.t() @ x / len(x), Sparsity.parse("2:4"))
-                with torch.no_grad():
-                    m.weight.copy_(new)
-    for (n, a), (_, b) in zip(_linears(model).items(), _linears(ref).items(), strict=True):
-        assert torch.equal(a.weight == 0, b.weight == 0), n
-        torch.testing.assert_close(a.weight, b.weight, rtol=1e-4, atol=1e-5)
+    assert sorted(calib.sums) == [
+        "mlp.down_proj",
+        "mlp.gate_proj",
+        "self_attn.o_proj",
+        "self_attn.q_proj",
+    ]
+    # one group only: its input is taken at its first layer and the forward stops there
+    only = _Calibration(layers, gram=True, only=["mlp.gate_proj", "mlp.up_proj"])
+    calls = []
+    block.mlp.down_proj.register_forward_pre_hook(lambda m, a: calls.append(1))
+    only.run(block, inputs)
+    assert list(only.sums) == ["mlp.gate_proj"] and calls == []
+    torch.testing.assert_close(only.sums["mlp.gate_proj"], calib.sums["mlp.gate_proj"])

@@ -210,22 +210,34 @@ class _Stop(Exception):
 
 
 class _Calibration:
-    """Forward hooks on a block's layers accumulating their calibration input statistics:
+    """Forward pre-hooks on a block's layers accumulating their calibration input statistics:
     Σ_t x_tj² per input column (Wanda) or Σ_t x_tᵀ x_t (SparseGPT), in float32 (float64 for
-    float64 inputs). Layers fed the very same input tensor (q/k/v, gate/up) share one statistic,
-    computed once; ``groups`` lists them."""
+    float64 inputs). Layers fed the very same input tensor (q/k/v, gate/up) form one group with
+    one statistic, computed once; ``groups`` lists them in call order.
 
-    def __init__(self, layers: dict[str, nn.Module], gram: bool) -> None:
+    ``only``: record just this group's input, at its first layer, and cut the forward short there.
+    """
+
+    def __init__(
+        self, layers: dict[str, nn.Module], gram: bool, only: Sequence[str] | None = None
+    ) -> None:
         self.gram = gram
         self.owner: dict[str, str] = {}  # layer -> first layer reading the same input
         self.sums: dict[str, torch.Tensor] = {}
         self.tokens: dict[str, int] = {}
         self._last: tuple[torch.Tensor, str] | None = None  # keeps the tensor alive for `is`
-        self._handles = [m.register_forward_hook(self._hook(p)) for p, m in layers.items()]
+        self._only = only is not None
+        if only is not None:
+            self.owner = dict.fromkeys(only, only[0])
+            layers = {only[0]: layers[only[0]]}
+        self._handles = [m.register_forward_pre_hook(self._hook(p)) for p, m in layers.items()]
 
     def _hook(self, name: str):
-        def record(module: nn.Module, args: tuple, out: object) -> None:
+        def record(module: nn.Module, args: tuple) -> None:
             x = args[0]
+            if self._only:
+                self._add(name, x)
+                raise _Stop  # nothing after this input is needed
             if self._last is not None and self._last[0] is x:
                 owner = self._last[1]
             else:
@@ -248,21 +260,40 @@ class _Calibration:
         else:
             self.sums[name], self.tokens[name] = acc, x.shape[0]
 
-    def close(self) -> None:
-        for h in self._handles:
-            h.remove()
-        self._last = None
+    def run(self, block: nn.Module, inputs: list[tuple[tuple, dict]]) -> _Calibration:
+        """Forward every calibration batch through ``block`` (cut short where asked), then unhook."""
+        try:
+            for args, kwargs in inputs:
+                with contextlib.suppress(_Stop):
+                    block(*args, **kwargs)
+                self._last = None
+        finally:
+            for h in self._handles:
+                h.remove()
+        return self
 
-    def groups(self) -> dict[str, list[str]]:
-        """First layer reading an input -> every layer reading it, in call order."""
+    def groups(self, layers: dict[str, nn.Module]) -> list[list[str]]:
+        """Layers reading one input, in call order; every layer of ``layers`` must be in one."""
+        missing = [p for p in layers if p not in self.owner]
+        if missing:
+            raise ValueError(f"{missing[0]} received no input in a calibration forward")
         out: dict[str, list[str]] = {}
         for name, owner in self.owner.items():
             out.setdefault(owner, []).append(name)
-        return out
+        return list(out.values())
 
-    def hessian(self, owner: str) -> torch.Tensor:
-        """H = (2/n) Σ xᵀx for the layers that ``owner`` heads."""
-        return self.sums[owner].mul_(2 / self.tokens[owner])
+    def prune(self, layers: dict[str, nn.Module], names: list[str], sp: Sparsity) -> None:
+        """Prune the group ``names`` (one shared input) from its statistic."""
+        weights = [_weight_oi(layers[p]) for p in names]
+        stat = self.sums.pop(names[0])
+        if not self.gram:  # Wanda: |W_ij|·‖X_j‖₂ over all calibration tokens
+            norm = stat.sqrt()[None]  # (1, in)
+            for w in weights:
+                w.masked_fill_(mask_from_scores(w.abs() * norm, sp), 0)
+            return
+        H = stat.mul_(2 / self.tokens[names[0]])  # (2/n) Σ xᵀx
+        for w, new in zip(weights, sparsegpt_prune(weights, H, sp), strict=True):
+            w.copy_(new)
 
 
 def calibration_batches(
@@ -301,6 +332,52 @@ def calibration_batches(
     return torch.stack([ids[s : s + seq_len] for s in starts.tolist()])
 
 
+def _first_block_inputs(
+    model: nn.Module, first: nn.Module, batches: torch.Tensor, batch_size: int
+) -> list[tuple[tuple, dict]]:
+    """What the first block receives for each calibration batch: hidden states and every
+    keyword argument (position embeddings, masks), captured by running the model up to it."""
+    device = next(model.parameters()).device
+    inputs: list[tuple[tuple, dict]] = []
+
+    def grab(module, args, kwargs):
+        kwargs = dict(kwargs)
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        inputs.append(((hidden, *args[1:]), kwargs))
+        raise _Stop
+
+    handle = first.register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        for i in range(0, len(batches), batch_size):
+            with contextlib.suppress(_Stop):
+                model(input_ids=batches[i : i + batch_size].to(device), use_cache=False)
+    finally:
+        handle.remove()
+    return inputs
+
+
+def _prune_block(
+    block: nn.Module,
+    inputs: list[tuple[tuple, dict]],
+    sp: Sparsity,
+    gram: bool,
+    structure: dict[tuple[str, ...], list[list[str]]] | None,
+) -> None:
+    """Calibrate and prune one block's layers; ``structure`` (a cache of each block kind's
+    groups) selects true-sequential order, None the reference's one pass."""
+    layers = {p: m for p, m in block.named_modules() if p and layer_kind(m) in ("linear", "conv1d")}
+    if structure is not None:  # each group calibrated after the groups before it are pruned
+        kind = tuple(layers)
+        if kind not in structure:  # learned from one batch
+            structure[kind] = _Calibration(layers, False).run(block, inputs[:1]).groups(layers)
+        for names in structure[kind]:
+            _Calibration(layers, gram, only=names).run(block, inputs).prune(layers, names, sp)
+        return
+    calib = _Calibration(layers, gram).run(block, inputs)  # every layer on the unpruned block
+    for names in calib.groups(layers):
+        calib.prune(layers, names, sp)
+
+
 @torch.no_grad()
 def prune(
     model: nn.Module,
@@ -312,6 +389,7 @@ def prune(
     n_samples: int = 128,
     seq_len: int = 512,
     batch_size: int = 8,
+    true_sequential: bool = False,
     progress: bool = True,
 ) -> dict[str, float]:
     """Prune the linear layers of ``model`` in place.
@@ -324,6 +402,10 @@ def prune(
         tokenizer: tokenizes text calibration data.
         n_samples, seq_len: calibration windows drawn from text.
         batch_size: windows per forward during calibration.
+        true_sequential: within a block, calibrate each group of layers that read one input
+            (q/k/v, o, gate/up, down) on the outputs of the groups before it, already pruned
+            (more forwards); default: calibrate all of a block's layers in one forward of the
+            unpruned block, then prune them (the reference code's order).
         progress: show a progress bar over blocks.
 
     Returns:
@@ -339,13 +421,12 @@ def prune(
         for p in match_targets(model, "all-linear")
         if layer_kind(model.get_submodule(p)) != "embedding"
     ]
-    if sp.m:
-        bad = [(p, _weight_oi(model.get_submodule(p)).shape[1]) for p in paths]
-        bad = [(p, d) for p, d in bad if d % sp.m]
-        if bad:
-            raise ValueError(
-                f"{sp} sparsity needs input dims divisible by {sp.m}; {bad[0][0]} has {bad[0][1]}"
-            )
+    bad = [(p, _weight_oi(model.get_submodule(p)).shape[1]) for p in paths]
+    bad = [(p, d) for p, d in bad if sp.m and d % sp.m]
+    if bad:
+        raise ValueError(
+            f"{sp} sparsity needs input dims divisible by {sp.m}; {bad[0][0]} has {bad[0][1]}"
+        )
     if method == "magnitude":
         for p in paths:
             w = _weight_oi(model.get_submodule(p))
@@ -354,53 +435,16 @@ def prune(
 
     blocks = _blocks(model)
     batches = calibration_batches(calibration, tokenizer, n_samples, seq_len)
-    device = next(model.parameters()).device
-    # Capture what the first block receives (hidden states and every keyword argument).
-    inputs: list[tuple[tuple, dict]] = []
-
-    def grab(module, args, kwargs):
-        kwargs = dict(kwargs)
-        hidden = args[0] if args else kwargs.pop("hidden_states")
-        inputs.append(((hidden, *args[1:]), kwargs))
-        raise _Stop
-
-    handle = blocks[0].register_forward_pre_hook(grab, with_kwargs=True)
-    try:
-        for i in range(0, len(batches), batch_size):
-            with contextlib.suppress(_Stop):
-                model(input_ids=batches[i : i + batch_size].to(device), use_cache=False)
-    finally:
-        handle.remove()
-
-    for block in tqdm(blocks, desc=f"{method} {sp}", disable=not progress):
-        layers = {
-            p: m for p, m in block.named_modules() if p and layer_kind(m) in ("linear", "conv1d")
-        }
-        calib = _Calibration(layers, gram=method == "sparsegpt")
-        try:
+    inputs = _first_block_inputs(model, blocks[0], batches, batch_size)
+    gram = method == "sparsegpt"
+    structure: dict[tuple[str, ...], list[list[str]]] = {}  # layer names -> groups, per block kind
+    for i, block in enumerate(tqdm(blocks, desc=f"{method} {sp}", disable=not progress)):
+        _prune_block(block, inputs, sp, gram, structure if true_sequential else None)
+        if i + 1 < len(blocks):  # the next block sees this block's outputs after pruning
+            new_inputs = []
             for args, kwargs in inputs:
-                block(*args, **kwargs)
-        finally:
-            calib.close()
-        missing = [p for p in layers if p not in calib.owner]
-        if missing:
-            raise ValueError(f"{missing[0]} received no input in a calibration forward")
-        for owner, names in calib.groups().items():
-            weights = [_weight_oi(layers[p]) for p in names]
-            if method == "wanda":  # ‖X_j‖₂ over all calibration tokens
-                norm = calib.sums[owner].sqrt()[None]  # (1, in)
-                for w in weights:
-                    w.masked_fill_(mask_from_scores(w.abs() * norm, sp), 0)
-            else:
-                new = sparsegpt_prune(weights, calib.hessian(owner), sp)
-                for w, nw in zip(weights, new, strict=True):
-                    w.copy_(nw)
-        del calib
-        # The next block sees this block's outputs after pruning.
-        new_inputs = []
-        for args, kwargs in inputs:
-            out = block(*args, **kwargs)
-            hidden = out[0] if isinstance(out, tuple) else out
-            new_inputs.append(((hidden, *args[1:]), kwargs))
-        inputs = new_inputs
+                out = block(*args, **kwargs)
+                hidden = out[0] if isinstance(out, tuple) else out
+                new_inputs.append(((hidden, *args[1:]), kwargs))
+            inputs = new_inputs
     return {p: float((model.get_submodule(p).weight == 0).float().mean()) for p in paths}
