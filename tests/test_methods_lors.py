@@ -28,7 +28,8 @@ def _inputs(fan_in_fan_out: bool, dtype=torch.float64, n=5, d_in=8, d_out=6, r=3
 def test_exact_gradcheck_float64(fan_in_fan_out):
     x, w, b, A, B = _inputs(fan_in_fan_out)
     assert torch.autograd.gradcheck(
-        lambda x, A, B: LoRSFunction.apply(x, w, b, A, B, pack_mask(w), 0.7, fan_in_fan_out, True), (x, A, B)
+        lambda x, A, B: LoRSFunction.apply(x, w, b, A, B, pack_mask(w), 0.7, fan_in_fan_out, True),
+        (x, A, B),
     )
 
 
