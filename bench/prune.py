@@ -132,7 +132,7 @@ def precision(dense, windows: torch.Tensor, block: int = 10) -> list[str]:
 def plot(md: Path, out: Path) -> None:
     """Held-out perplexity and prune time per row of ``md``, lorakit next to the reference."""
     plt = pyplot()
-    rows = [r for r in table_rows(md.read_text()) if len(r) == 9]
+    rows = table_rows(md.read_text().split("\n## ")[0])  # the first table: lorakit vs reference
     names = [f"{r[0]}\n{r[1]}" for r in rows]
     x = torch.arange(len(rows)).float()
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
