@@ -342,10 +342,6 @@ class TrainConfig:
             defaults["use_rslora"] = None  # re-derived for the method asked for
         return cls(**run, adapter=LoRAConfig.from_dict({**defaults, **adapter_opts}))
 
-    def to_dict(self) -> dict[str, Any]:
-        """Alias of :meth:`to_flat` (the form checkpoints store)."""
-        return self.to_flat()
-
 
 def _check_choice(cfg: Any, name: str) -> None:
     """A Literal-typed field holds one of its values."""
