@@ -24,8 +24,7 @@ compared on SmolLM2-135M by ``bench/prune.py`` (``bench/results/prune.md``):
   its own mask threshold), so a LLaMA block needs 4 solves, not 7; H⁻¹'s Cholesky factor comes
   from one Cholesky and one triangular inverse (``cholesky_inverse`` was slow and erratic on
   CPU); the OBS column loop updates 16-column sub-blocks and folds the rest in with one matmul.
-- Precision: statistics and solves in float32, as in the reference (float64 only for float64
-  inputs).
+- Precision: statistics and solves in float32, as in the reference (float64 for float64 inputs).
 - Block size 128 is kept for unstructured SparseGPT (it sets how adaptive the mask is); for N:M it
   is rounded down to a multiple of M so a group never straddles two blocks (1:3 on 192 columns).
 """
@@ -56,23 +55,20 @@ class Sparsity:
 
     @classmethod
     def parse(cls, value: float | str) -> Sparsity:
+        bad = f"sparsity must be a fraction in (0, 1) or 'N:M' like '2:4', got {value!r}"
         if isinstance(value, str):
             match = re.fullmatch(r"\s*(\d+)\s*:\s*(\d+)\s*", value)
             if match is None:
                 try:
                     return cls.parse(float(value))
                 except ValueError:
-                    raise ValueError(
-                        f"sparsity must be a fraction in (0, 1) or 'N:M' like '2:4', got {value!r}"
-                    ) from None
+                    raise ValueError(bad) from None
             n, m = int(match[1]), int(match[2])
             if not 0 < n < m:
                 raise ValueError(f"N:M sparsity needs 0 < N < M, got {value!r}")
             return cls(1 - n / m, n, m)
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1:
-            raise ValueError(
-                f"sparsity must be a fraction in (0, 1) or 'N:M' like '2:4', got {value!r}"
-            )
+            raise ValueError(bad)
         return cls(float(value))
 
     def __str__(self) -> str:
@@ -215,7 +211,8 @@ class _Calibration:
     float64 inputs). Layers fed the very same input tensor (q/k/v, gate/up) form one group with
     one statistic, computed once; ``groups`` lists them in call order.
 
-    ``only``: record just this group's input, at its first layer, and cut the forward short there.
+    The forward is cut short once every layer has seen its input (down_proj's product and what
+    follows are not needed); ``only``: record just this group's input, at its first layer.
     """
 
     def __init__(
@@ -226,7 +223,7 @@ class _Calibration:
         self.sums: dict[str, torch.Tensor] = {}
         self.tokens: dict[str, int] = {}
         self._last: tuple[torch.Tensor, str] | None = None  # keeps the tensor alive for `is`
-        self._only = only is not None
+        self._only, self._n, self._seen = only is not None, len(layers), set()
         if only is not None:
             self.owner = dict.fromkeys(only, only[0])
             layers = {only[0]: layers[only[0]]}
@@ -246,6 +243,9 @@ class _Calibration:
                 self._last = (x, name)
             if self.owner.setdefault(name, owner) != owner:
                 raise RuntimeError(f"{name} shared its input with another layer in one batch only")
+            self._seen.add(name)
+            if len(self._seen) == self._n:
+                raise _Stop
 
         return record
 
@@ -266,7 +266,7 @@ class _Calibration:
             for args, kwargs in inputs:
                 with contextlib.suppress(_Stop):
                     block(*args, **kwargs)
-                self._last = None
+                self._last, self._seen = None, set()
         finally:
             for h in self._handles:
                 h.remove()
@@ -421,9 +421,8 @@ def prune(
         for p in match_targets(model, "all-linear")
         if layer_kind(model.get_submodule(p)) != "embedding"
     ]
-    bad = [(p, _weight_oi(model.get_submodule(p)).shape[1]) for p in paths]
-    bad = [(p, d) for p, d in bad if sp.m and d % sp.m]
-    if bad:
+    widths = [(p, _weight_oi(model.get_submodule(p)).shape[1]) for p in paths]
+    if bad := [(p, d) for p, d in widths if sp.m and d % sp.m]:
         raise ValueError(
             f"{sp} sparsity needs input dims divisible by {sp.m}; {bad[0][0]} has {bad[0][1]}"
         )
