@@ -63,11 +63,25 @@ def test_no_import_cycle():
 
 def test_methods_import_only_the_layer_and_config_contract():
     mods = _modules()
-    allowed = {"lorakit.config", "lorakit.layers", "lorakit.hardware"}
+    # the contract, plus the leaves every method uses: weights (4-bit or not), bitmasks
+    allowed = {
+        "lorakit.config",
+        "lorakit.layers",
+        "lorakit.hardware",
+        "lorakit.quant",
+        "lorakit.bitmask",
+    }
     for m, f in mods.items():
         if m.startswith("lorakit.methods"):
             outside = {i for i in _imports(m, f, mods) if not i.startswith("lorakit.methods")}
             assert outside <= allowed, f"{m} imports {sorted(outside - allowed)}"
+
+
+def test_weight_and_bitmask_helpers_are_leaves():
+    mods = _modules()
+    for m in ("lorakit.quant", "lorakit.bitmask"):
+        inside = _imports(m, mods[m], mods) - {"lorakit.bitmask"}
+        assert not inside, f"{m} imports {sorted(inside)}"
 
 
 def test_functions_and_modules_are_short():

@@ -10,7 +10,8 @@ from conftest import build, logits
 from torch import nn
 
 import lorakit as lk
-from lorakit.methods.lors import LoRSFunction, pack_mask
+from lorakit.bitmask import pack_mask
+from lorakit.methods.lors import LoRSFunction
 
 
 def _inputs(fan_in_fan_out: bool, dtype=torch.float64, n=5, d_in=8, d_out=6, r=3, seed=0):

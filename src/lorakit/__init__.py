@@ -27,6 +27,7 @@ from .inject import (
 )
 from .layers import AdaptedLayer
 from .memory import reduce_activation_memory
+from .models import dequantize, load_model, quantize
 from .profile import count_saved, profile_steps
 from .prune import prune
 
@@ -41,14 +42,17 @@ __all__ = [
     "count_parameters",
     "count_saved",
     "delete_adapter",
+    "dequantize",
     "disable_adapters",
     "gradient_svd_init",
     "inject",
     "load_adapter",
+    "load_model",
     "match_targets",
     "merge",
     "profile_steps",
     "prune",
+    "quantize",
     "reduce_activation_memory",
     "save_adapter",
     "set_adapter",

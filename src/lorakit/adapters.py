@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .bitmask import unpack_mask
 from .config import LoRAConfig
 from .fileio import atomic_write
 from .inject import (
@@ -42,6 +43,7 @@ from .peft_format import (
     pattern_value,
     read_adapter,
 )
+from .quant import NO_PATTERN, dense_shape, zero_pattern
 
 
 def _peft_key(path: str, layer: AdaptedLayer, which: str) -> str:
@@ -237,7 +239,7 @@ def _check_layer(model: nn.Module, file: AdapterFile, p: str, name: str) -> int:
     if isinstance(module, AdaptedLayer) and name in module.adapters:
         raise ValueError(f"layer {p} already has an adapter named {name!r}")
     A, B = file.weights[p]["A"], file.weights[p]["B"]
-    w = module.weight.shape
+    w = dense_shape(module.weight)
     in_f, out_f = (w[1], w[0]) if kind == "linear" else (w[0], w[1])
     r = A.shape[0]
     if A.dim() != 2 or B.dim() != 2 or A.shape != (r, in_f) or B.shape != (out_f, r):
@@ -247,11 +249,16 @@ def _check_layer(model: nn.Module, file: AdapterFile, p: str, name: str) -> int:
             f"(weight {tuple(w)})"
         )
     masks = json.loads(file.metadata.get("lorakit_masks", "{}"))
-    if p in masks and mask_fingerprint(module.weight) != masks[p]:
-        raise ValueError(
-            f"this LoRS adapter was trained on a differently pruned model: the zero pattern of "
-            f"{p} ({int((module.weight == 0).sum())} zeros) does not match the adapter's"
-        )
+    if p in masks:
+        bits = zero_pattern(module)
+        if bits is None:
+            raise ValueError(NO_PATTERN)
+        kept = unpack_mask(bits, w, torch.bool)
+        if mask_fingerprint(kept) != masks[p]:
+            raise ValueError(
+                f"this LoRS adapter was trained on a differently pruned model: the zero pattern "
+                f"of {p} ({int((~kept).sum())} zeros) does not match the adapter's"
+            )
     return r
 
 

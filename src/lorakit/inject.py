@@ -18,6 +18,15 @@ from torch import nn
 from .config import LoRAConfig
 from .layers import AdaptedLayer, layer_kind
 from .methods import adapter_class
+from .quant import (
+    NO_PATTERN,
+    check_quant_type,
+    dense_dtype,
+    dense_shape,
+    dequantized,
+    is_8bit,
+    zero_pattern,
+)
 
 ALL_LINEAR = "all-linear"
 # Classification / LM heads that "all-linear" leaves alone (PEFT does the same).
@@ -114,8 +123,7 @@ def freeze_base(model: nn.Module) -> None:
 
 
 def _check_rank(path: str, layer: nn.Module, config: LoRAConfig) -> None:
-    w = layer.weight
-    limit = min(w.shape)
+    limit = min(dense_shape(layer.weight))
     if config.rank > limit:
         raise ValueError(
             f"rank must be a positive int <= min(in, out) = {limit}, got {config.rank} for {path}"
@@ -129,6 +137,8 @@ def _weight_readers(model: nn.Module) -> set[int]:
 
 
 def _check_kind(path: str, layer: nn.Module, config: LoRAConfig) -> None:
+    if is_8bit(layer):
+        check_quant_type("int8")  # raises, saying why
     kind = layer_kind(layer)
     kinds = config.capabilities.kinds
     if kind not in kinds:
@@ -136,6 +146,12 @@ def _check_kind(path: str, layer: nn.Module, config: LoRAConfig) -> None:
             f"method {config.method!r} cannot adapt {path}, a {kind} layer; it adapts "
             f"{sorted(kinds)} layers (leave {path} out of targets, or use method='lora')"
         )
+
+
+def _has_zero(layer: nn.Module, bits: torch.Tensor) -> bool:
+    from .bitmask import unpack_mask
+
+    return not bool(unpack_mask(bits, dense_shape(layer.weight), torch.bool).all())
 
 
 def add_adapter(
@@ -174,7 +190,10 @@ def add_adapter(
             )
         adapter_class(per_path[p].method)  # unknown / unimplemented methods fail here
     sparse = [p for p in paths if per_path[p].capabilities.sparse_base]
-    if sparse and all(bool((modules[p].weight != 0).all()) for p in sparse):
+    patterns = {p: zero_pattern(modules[p]) for p in sparse}
+    if any(bits is None for bits in patterns.values()):
+        raise ValueError(NO_PATTERN)
+    if sparse and not any(_has_zero(modules[p], bits) for p, bits in patterns.items()):
         method = per_path[sparse[0]].method
         raise ValueError(
             f"{method} keeps a pruned model sparse, but none of the {len(sparse)} target layers "
@@ -188,8 +207,8 @@ def add_adapter(
             m.shared_weight = users[id(m.weight)] > 1
             _replace(model, p, m)
         cfg = per_path[p]
-        w = m.weight
-        dtype = cfg.dtype or (w.dtype if w.is_floating_point() else torch.float32)
+        w = dense_dtype(m.weight)
+        dtype = cfg.dtype or (w if w.is_floating_point else torch.float32)
         m.adapters[name] = adapter_class(cfg.method)(m, cfg, dtype=dtype)
 
 
@@ -325,7 +344,10 @@ def merge(model: nn.Module, name: str | None = None) -> nn.Module:
     Returns:
         ``model`` with every adapted layer replaced by its original module type (``nn.Linear``,
         ``Conv1D``, ``nn.Embedding``): exactly the base model's inference cost. Calling it on a
-        model with no adapters returns the model unchanged.
+        model with no adapters returns the model unchanged. On a 4-bit base, each layer the
+        adapter touches becomes a plain ``nn.Linear`` holding dequantize(W) + ΔW in the model's
+        dtype (what the unmerged layer computes, up to rounding; not re-quantized); 4-bit layers
+        without it stay 4-bit (:func:`lorakit.dequantize` converts them too).
     """
     layers = list(adapted_layers(model))
     if not layers:
@@ -334,6 +356,12 @@ def merge(model: nn.Module, name: str | None = None) -> nn.Module:
     if name is not None and name not in adapter_names(model):
         raise ValueError(f"no adapter named {name!r}; the model has {adapter_names(model)}")
     for path, layer in layers:
+        if layer.quantized:
+            if name in layer.adapters:
+                _replace(model, path, dequantized(layer, layer.adapters[name].delta_weight(layer)))
+            else:
+                _replace(model, path, layer.unload())
+            continue
         if name in layer.adapters:
             if any(n != name for n in layer.merged):
                 layer.unmerge()

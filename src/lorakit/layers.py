@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .quant import dense_shape, is_quantized, prepare
+
 Kind = Literal["linear", "conv1d", "embedding"]
 
 
@@ -44,7 +46,10 @@ class AdaptedLayer(nn.Module):
         self.bias = getattr(base, "bias", None)
         # Weight stored (in, out) for Conv1D and Embedding; (out, in) for Linear.
         self.fan_in_fan_out = kind != "linear"
-        shape = tuple(base.weight.shape)
+        # A bitsandbytes 4-bit weight (lorakit.quant) is dequantized transiently where it is used.
+        self.quantized = is_quantized(base.weight)
+        prepare(base)
+        shape = tuple(dense_shape(base.weight))
         self.in_features, self.out_features = shape[::-1] if kind == "linear" else shape
         # The original module, deliberately unregistered: ``unload`` hands it back.
         self.__dict__["base_layer"] = base
@@ -59,6 +64,8 @@ class AdaptedLayer(nn.Module):
     # -- forward ---------------------------------------------------------------------------
     def base_forward(self, x: torch.Tensor) -> torch.Tensor:
         """The frozen layer alone (its current weight, which includes merged adapters)."""
+        if self.quantized:  # bitsandbytes' own forward: exactly the 4-bit model's layer
+            return self.__dict__["base_layer"](x)
         if self.kind == "linear":
             return F.linear(x, self.weight, self.bias)
         if self.kind == "conv1d":  # y = b + x W with W (in, out)
@@ -113,6 +120,13 @@ class AdaptedLayer(nn.Module):
         name = name or self.active
         if name is None or name in self.merged:
             return
+        if self.quantized:
+            raise ValueError(
+                "cannot merge an adapter into a 4-bit weight in place (it would have to be "
+                "re-quantized, losing precision); lorakit.merge(model) returns plain layers "
+                "holding the dequantized weight plus the adapter, or merge onto the "
+                "full-precision base (lorakit merge --model <base> --adapter <adapter>)"
+            )
         delta = self.delta_weight(name)
         if self.shared_weight:
             self.weight = nn.Parameter(self.weight + delta, requires_grad=self.weight.requires_grad)

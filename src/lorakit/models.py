@@ -18,6 +18,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+from torch import nn
+
+from . import quant
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -99,6 +102,8 @@ def load_model(
     *,
     task: str = "causal-lm",
     dtype: torch.dtype = torch.float32,
+    quantize: str | None = None,
+    double_quant: bool = True,
     **kwargs: Any,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a model and its tokenizer.
@@ -106,7 +111,11 @@ def load_model(
     Args:
         name_or_path: ``"smollm2-135m"``, ``"minilm"``, a local HF folder or a hub id.
         task: ``"causal-lm"``, ``"sequence-classification"`` or ``"base"`` (no head).
-        dtype: parameter dtype.
+        dtype: parameter dtype (and bitsandbytes' compute dtype with ``quantize``).
+        quantize: "nf4" or "fp4": a 4-bit base through transformers' ``BitsAndBytesConfig``
+            (quantized on CPU as it loads; the output head stays in ``dtype``). A pruned model for
+            LoRS is quantized with :func:`quantize` instead, which keeps its zero pattern.
+        double_quant: with ``quantize``, quantize the block scales too.
         **kwargs: passed to ``from_pretrained`` (e.g. ``num_labels``).
 
     Returns:
@@ -127,8 +136,82 @@ def load_model(
     if task not in classes:
         raise ValueError(f"task must be one of {list(classes)}, got {task!r}")
     path = resolve(name_or_path)
+    if quantize:
+        kwargs["quantization_config"] = quant.bnb_config(
+            quantize, double_quant=double_quant, compute_dtype=dtype
+        )
+        kwargs.setdefault("device_map", {"": "cpu"})
     model = classes[task].from_pretrained(path, dtype=dtype, **kwargs)
     tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
+
+
+@torch.no_grad()
+def quantize(
+    model: nn.Module,
+    quant_type: str = "nf4",
+    *,
+    double_quant: bool = True,
+    compute_dtype: torch.dtype | None = None,
+    keep_pattern: bool = True,
+) -> nn.Module:
+    """Quantize every ``nn.Linear`` of ``model`` but its output head to 4 bits, in place (QLoRA).
+
+    Args:
+        model: a model in full precision, on the device it will train on (bitsandbytes
+            quantizes where the weight is).
+        quant_type: "nf4" or "fp4".
+        double_quant: quantize the block scales too (QLoRA's double quantization).
+        compute_dtype: bitsandbytes' compute dtype for these layers; default: each weight's dtype.
+        keep_pattern: record the zero pattern of every layer that has zero weights (1 bit per
+            weight, not in the state dict), so LoRS keeps exactly the pruned zeros
+            (:mod:`lorakit.quant`).
+
+    Returns:
+        ``model``, its linear layers replaced by bitsandbytes ``Linear4bit`` (the same layers
+        transformers' ``BitsAndBytesConfig(load_in_4bit=True)`` loads).
+    """
+    from .bitmask import pack_mask
+    from .inject import _output_heads, _replace
+
+    bnb = quant.require_bnb()
+    quant.check_quant_type(quant_type)
+    heads = _output_heads(model)  # kept in full precision, as transformers' loader does
+    todo = [(p, m) for p, m in model.named_modules() if type(m) is nn.Linear and id(m) not in heads]
+    for path, m in todo:
+        w = m.weight.detach()
+        q = bnb.nn.Linear4bit(
+            m.in_features,
+            m.out_features,
+            bias=m.bias is not None,
+            compute_dtype=compute_dtype or w.dtype,
+            compress_statistics=double_quant,
+            quant_type=quant_type,
+            device="meta",
+        )
+        q.weight = bnb.nn.Params4bit(
+            w.to("cpu"),
+            requires_grad=False,
+            quant_type=quant_type,
+            compress_statistics=double_quant,
+            module=q,
+        ).to(w.device)
+        q.bias = m.bias
+        if keep_pattern and bool((w == 0).any()):
+            q.register_buffer(quant.PATTERN, pack_mask(w), persistent=False)
+        elif keep_pattern:
+            setattr(q, quant.PATTERN + "_none", True)  # known to have no zero weight
+        q.train(m.training)
+        _replace(model, path, q)
+    return model
+
+
+def dequantize(model: nn.Module) -> nn.Module:
+    """Replace every 4-bit layer of ``model`` (not adapted ones) by a plain ``nn.Linear``."""
+    from .inject import _replace
+
+    for path, m in [(p, m) for p, m in model.named_modules() if quant.is_quantized_layer(m)]:
+        _replace(model, path, quant.dequantized(m))
+    return model

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..hardware import cpu_compute_dtype
+from ..quant import dense, state
 
 if TYPE_CHECKING:
     from ..config import LoRAConfig
@@ -109,6 +110,7 @@ class LoRAFunction(torch.autograd.Function):
               with H recomputed from x (an N·in·r GEMM) instead of being kept.
     saves:    x (its storage is shared with every other consumer of x, e.g. q/k/v), plus W, A,
               B, which are parameters: N·in activation elements per layer, PEFT keeps N·(in + r).
+              A 4-bit W (:mod:`lorakit.quant`) is dequantized in forward and again for dx.
     dtypes:   computes in :func:`layer_dtypes`' compute dtype (on CPUs without 16-bit units,
               fp32 for 16-bit inputs, transiently), returns the output dtype (autocast's).
     A base weight/bias that requires grad gets dW = Gᵀ x and db = Σ G as plain linear layers do.
@@ -120,10 +122,11 @@ class LoRAFunction(torch.autograd.Function):
         with torch.autocast(x.device.type, enabled=False):
             x_c = x.to(cd)
             b = None if bias is None else bias.to(cd)
-            y = _base(x_c, weight.to(cd), b, fan_in_fan_out)  # (N, out)
+            y = _base(x_c, dense(weight, cd), b, fan_in_fan_out)  # (N, out)
             h = x_c @ A.to(cd).t()  # (N, r)
             y.addmm_(h, B.to(cd).t(), alpha=scaling)
         ctx.save_for_backward(x, weight, A, B)
+        ctx.qs = state(weight)
         ctx.scaling, ctx.fan_in_fan_out, ctx.cd, ctx.bias_dtype = (
             scaling,
             fan_in_fan_out,
@@ -141,7 +144,7 @@ class LoRAFunction(torch.autograd.Function):
         dh = (g_c @ B.to(cd)) * s  # (N, r)
         dx = dW = db = dA = dB = None
         if ctx.needs_input_grad[0]:
-            w = weight.to(cd)
+            w = dense(weight, cd, ctx.qs)  # a 4-bit weight is dequantized again, transiently
             dx = g_c @ (w.t() if ctx.fan_in_fan_out else w)  # (N, in)
             dx = dx.addmm_(dh, A_c).to(x.dtype)
         if ctx.needs_input_grad[1]:  # only if the caller unfroze the base weight

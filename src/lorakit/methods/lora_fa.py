@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from ..quant import dense, state
 from .lora import _base, embed_low_rank, init_lora_A, layer_dtypes
 
 if TYPE_CHECKING:
@@ -60,7 +61,7 @@ class LoRAFAFunction(torch.autograd.Function):
         with torch.autocast(x.device.type, enabled=False):
             x_c = x.to(cd)
             b = None if bias is None else bias.to(cd)
-            y = _base(x_c, weight.to(cd), b, fan_in_fan_out)  # (N, out)
+            y = _base(x_c, dense(weight, cd), b, fan_in_fan_out)  # (N, out)
             rng = None
             if p > 0:  # keep the generator state, not the (N, in) mask; backward redraws it
                 rng = torch.cuda.get_rng_state(x.device) if x.is_cuda else torch.get_rng_state()
@@ -69,6 +70,7 @@ class LoRAFAFunction(torch.autograd.Function):
             h = x_c @ A.to(cd).t()  # (N, r)
             y.addmm_(h, B.to(cd).t(), alpha=scaling)
         ctx.save_for_backward(h.to(out_dtype), weight, A, B, rng)
+        ctx.qs = state(weight)
         ctx.scaling, ctx.fan_in_fan_out, ctx.p, ctx.cd = scaling, fan_in_fan_out, p, cd
         ctx.x_meta = (x.shape, x.dtype, x.device)
         return y.to(out_dtype)
@@ -82,7 +84,7 @@ class LoRAFAFunction(torch.autograd.Function):
         g_c = g.to(cd)
         dx = dB = None
         if ctx.needs_input_grad[0]:
-            w = weight.to(cd)
+            w = dense(weight, cd, ctx.qs)  # a 4-bit weight is dequantized again, transiently
             dx = g_c @ (w.t() if ctx.fan_in_fan_out else w)  # (N, in)
             dxd = (g_c @ B.to(cd)) @ A.to(cd)  # (N, in): gradient through the adapter branch
             if ctx.p > 0:

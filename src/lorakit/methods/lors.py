@@ -28,6 +28,8 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from ..bitmask import unpack_mask
+from ..quant import NO_PATTERN, dense, dense_shape, state, zero_pattern
 from .lora import init_lora_A, layer_dtypes
 
 if TYPE_CHECKING:
@@ -40,28 +42,6 @@ if TYPE_CHECKING:
 TILE_ELEMENTS = 1 << 22
 
 
-_BIT = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8)
-
-
-def pack_mask(w: torch.Tensor) -> torch.Tensor:
-    """M = [w ≠ 0] packed 8 per byte: uint8 (ceil(numel / 8),), on w's device."""
-    flat = (w != 0).reshape(-1)
-    flat = torch.cat([flat, flat.new_zeros(-flat.numel() % 8)])
-    return flat.view(-1, 8).to(torch.uint8).mul_(_BIT.to(w.device)).sum(1, dtype=torch.uint8)
-
-
-def unpack_mask(bits: torch.Tensor, shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
-    """The 0/1 mask of :func:`pack_mask` in ``dtype`` and ``shape``.
-
-    Shift-and-mask, then one cast: about the cost of re-deriving it with ``torch.ne(w, 0)``. A 0/1
-    mask in the weight's dtype is multiplied in branch-free; ``masked_fill_`` branches per element,
-    which a random 2:4 pattern mispredicts half the time (figures: bench/results/sparse.md).
-    """
-    shifts = torch.arange(8, dtype=torch.uint8, device=bits.device)
-    m = torch.bitwise_right_shift(bits[:, None], shifts).bitwise_and_(1)  # (numel / 8, 8)
-    return m.reshape(-1)[: shape.numel()].to(dtype).view(shape)
-
-
 def masked_weight(
     weight: torch.Tensor,
     A: torch.Tensor,
@@ -69,14 +49,16 @@ def masked_weight(
     s: float,
     fan_in_fan_out: bool,
     mask: torch.Tensor,
+    qs=None,
 ) -> torch.Tensor:
     """W' = (W + s·B A) ⊙ M in M's dtype, in W's layout ((in, out) when fan_in_fan_out).
 
     W + s·B A in one addmm, then one in-place multiply by the 0/1 mask M: the result is the only
-    weight-sized tensor besides M. Pruned positions hold ±0.
+    weight-sized tensor besides M (and a 4-bit W's transient dequantization). Pruned positions
+    hold ±0.
     """
     dtype = mask.dtype
-    w = weight.to(dtype)
+    w = dense(weight, dtype, qs)  # a 4-bit weight (quant state qs) dequantized, transiently
     A, B = A.to(dtype), B.to(dtype)
     out = torch.addmm(w, A.t(), B.t(), alpha=s) if fan_in_fan_out else torch.addmm(w, B, A, alpha=s)
     return out.mul_(mask)
@@ -86,7 +68,7 @@ class LoRSFunction(torch.autograd.Function):
     """y = x W'ᵀ + b with W' = (W + s·B A) ⊙ M, saving only x (W, A, B, M are parameters/buffers).
 
     Shapes: x (N, in), W (out, in) or (in, out) if fan_in_fan_out, A (r, in), B (out, r),
-    bits: M packed by :func:`pack_mask` (M in W's layout), G = ∂L/∂y (N, out).
+    bits: M packed by :func:`lorakit.bitmask.pack_mask` (M in W's layout), G = ∂L/∂y (N, out).
     forward:  W' built transiently; y = x W'ᵀ + b.
     backward: dx = G W' (W' rebuilt); adapter grads per ``exact`` (masked, tiled) or
               straight-through (unmasked, low-rank order), see the module docstring.
@@ -98,13 +80,14 @@ class LoRSFunction(torch.autograd.Function):
     ):
         out_dtype, cd = layer_dtypes(x)
         with torch.autocast(x.device.type, enabled=False):
-            mask = unpack_mask(bits, weight.shape, cd)
+            mask = unpack_mask(bits, dense_shape(weight), cd)
             w = masked_weight(weight, A, B, scaling, fan_in_fan_out, mask)
             del mask
             x_c = x.to(cd)
             w_t = w if fan_in_fan_out else w.t()  # (in, out)
             y = x_c @ w_t if bias is None else torch.addmm(bias.to(cd), x_c, w_t)
         ctx.save_for_backward(x, weight, A, B, bits)
+        ctx.qs = state(weight)
         ctx.scaling, ctx.fan_in_fan_out, ctx.exact, ctx.cd = scaling, fan_in_fan_out, exact, cd
         return y.to(out_dtype)
 
@@ -119,9 +102,9 @@ class LoRSFunction(torch.autograd.Function):
         exact = ctx.exact and need_ab
         dx = dA = dB = None
         # Built once for W' and the exact gradient's tiles.
-        mask = unpack_mask(bits, weight.shape, cd) if need_x or exact else None
+        mask = unpack_mask(bits, dense_shape(weight, ctx.qs), cd) if need_x or exact else None
         if need_x:
-            w = masked_weight(weight, A, B, s, fan_in_fan_out, mask)
+            w = masked_weight(weight, A, B, s, fan_in_fan_out, mask, ctx.qs)
             dx = (g_c @ (w.t() if fan_in_fan_out else w)).to(x.dtype)  # (N, in)
             del w
         if exact:
@@ -157,11 +140,14 @@ class LoRS(nn.Module):
         self.exact = config.sparse_grad == "exact"
         self.lora_A = nn.Parameter(torch.empty(r, layer.in_features, dtype=dtype, device=device))
         self.lora_B = nn.Parameter(torch.zeros(layer.out_features, r, dtype=dtype, device=device))
+        bits = zero_pattern(layer)
+        if bits is None:
+            raise ValueError(NO_PATTERN)
         with torch.no_grad():
             init_lora_A(self.lora_A, config.init)
-            # Not in the state dict: it is the base's pattern, re-captured from the pruned base.
-            self.register_buffer("mask_bits", pack_mask(layer.weight.detach()), persistent=False)
-        self.weight_shape = layer.weight.shape
+        # Not in the state dict: it is the base's pattern, re-captured from the pruned base.
+        self.register_buffer("mask_bits", bits.to(device), persistent=False)
+        self.weight_shape = dense_shape(layer.weight)
 
     def pattern(self) -> torch.Tensor:
         """M as a bool tensor in the layer weight's layout."""
