@@ -221,3 +221,94 @@ def test_peft_qlora_adapters_load_both_ways(tiny, ids, tmp_path):
     back = peft.PeftModel.from_pretrained(lk.load_model(tiny, quantize="nf4")[0], tmp_path / "ours")
     with torch.no_grad():
         torch.testing.assert_close(logits(back.eval(), ids), expected, rtol=0, atol=1e-5)
+
+
+def _train(tiny, data, out, *extra):
+    from lorakit.cli import main
+
+    common = ["--model", str(tiny), "--data", str(data), "--max-len", "32", "--no-progress"]
+    args = ["train", *common, "--rank", "4", "--max-steps", "2", "--batch-size", "4"]
+    return main([*args, "--output", str(out), "--quantize", "nf4", *extra])
+
+
+def test_cli_trains_evaluates_and_merges_on_a_4bit_base(tiny, tmp_path, capsys):
+    import json
+
+    from lorakit.cli import main
+
+    data = tmp_path / "text.txt"
+    data.write_text("to be or not to be, that is the question. " * 200)
+    assert _train(tiny, data, tmp_path / "run", "--method", "lora_fa") == 0
+    import yaml
+
+    run = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert run["quantize"] == "nf4" and run["double_quant"] is True
+    capsys.readouterr()
+    evaluate = ["eval", "--model", str(tiny), "--data", str(data), "--perplexity"]
+    assert main([*evaluate, "--adapter", str(tmp_path / "run" / "adapter")]) == 0
+    full = json.loads(capsys.readouterr().out)["perplexity"]
+    assert (
+        main([*evaluate, "--adapter", str(tmp_path / "run" / "adapter"), "--quantize", "nf4"]) == 0
+    )
+    four = json.loads(capsys.readouterr().out)["perplexity"]
+    assert abs(four / full - 1) < 0.05  # the same adapter on the 4-bit and the 16/32-bit base
+    merged = tmp_path / "merged"
+    assert (
+        main(
+            [
+                "merge",
+                "--model",
+                str(tiny),
+                "--adapter",
+                str(tmp_path / "run" / "adapter"),
+                "--output",
+                str(merged),
+            ]
+        )
+        == 0
+    )
+    assert "quantization_config" not in json.loads((merged / "config.json").read_text())
+    # A merged 4-bit model saves as a plain model too.
+    model, tok = lk.load_model(tiny, quantize="nf4")
+    lk.merge(lk.load_adapter(model, tmp_path / "run" / "adapter"))
+    model.save_pretrained(tmp_path / "merged4")
+    assert "quantization_config" not in json.loads(
+        (tmp_path / "merged4" / "config.json").read_text()
+    )
+
+
+def test_cli_lors_on_a_4bit_pruned_base(tiny, tmp_path):
+    from lorakit.cli import main
+
+    pruned = tmp_path / "pruned"
+    assert (
+        main(["prune", "--model", str(tiny), "--method", "magnitude", "--output", str(pruned)]) == 0
+    )
+    data = tmp_path / "text.txt"
+    data.write_text("to be or not to be, that is the question. " * 200)
+    assert _train(pruned, data, tmp_path / "run", "--method", "lors") == 0
+    model, _ = lk.load_model(pruned)
+    zeros = {
+        p: model.get_submodule(p).weight == 0
+        for p, _ in lk.adapted_layers(lk.load_adapter(model, tmp_path / "run" / "adapter"))
+    }
+    lk.merge(model)
+    assert zeros and all(
+        torch.equal(model.get_submodule(p).weight == 0, z) for p, z in zeros.items()
+    )
+
+
+@pytest.mark.parametrize(
+    "extra, match",
+    [
+        (["--method", "full"], "a 4-bit weight has no gradient"),
+        (["--strategy", "fsdp"], "FSDP2 cannot shard bitsandbytes' 4-bit weights.*strategy=ddp"),
+    ],
+)
+def test_cli_refuses_what_a_4bit_base_cannot_do(tiny, tmp_path, capsys, extra, match):
+    import re
+
+    data = tmp_path / "text.txt"
+    data.write_text("to be or not to be " * 100)
+    assert _train(tiny, data, tmp_path / "run", *extra) == 2
+    assert re.search(match, capsys.readouterr().err)

@@ -75,7 +75,7 @@ def add_config_flags(
 def _common(p: argparse.ArgumentParser) -> None:
     from .config import TrainConfig
 
-    only = ("model", "data", "dtype", "seed", "max_len")
+    only = ("model", "data", "dtype", "quantize", "double_quant", "seed", "max_len")
     add_config_flags(p, TrainConfig, only=only, suppress=False)
 
 
@@ -174,10 +174,27 @@ def _summary_table(s: dict) -> str:
     return table(rows, "Training summary")
 
 
+def _base_kwargs(a: argparse.Namespace) -> dict[str, Any]:
+    """load_model's dtype / 4-bit options for ``eval``: a LoRS adapter needs the base quantized
+    by lorakit, which keeps the pruned zero pattern."""
+    from .config import DTYPES
+
+    kw: dict[str, Any] = {"dtype": DTYPES[a.dtype]}
+    if a.quantize != "none":
+        kw |= {"quantize": a.quantize, "double_quant": a.double_quant}
+        if a.adapter:
+            from safetensors import safe_open
+
+            from .peft_format import WEIGHTS_NAME
+
+            with safe_open(str(Path(a.adapter) / WEIGHTS_NAME), "pt") as f:
+                kw["keep_pattern"] = (f.metadata() or {}).get("lorakit_method") == "lors"
+    return kw
+
+
 def cmd_eval(a: argparse.Namespace) -> int:
     from . import data
     from .adapters import load_adapter
-    from .config import DTYPES
     from .evaluate import accuracy, classify, perplexity
     from .models import load_model
     from .tasks import classification_prompt, is_causal_lm, predict_classes
@@ -200,10 +217,10 @@ def cmd_eval(a: argparse.Namespace) -> int:
     }
     if labelled and not causal:  # encoder + classification head (trained with the adapter)
         model, tok = load_model(
-            a.model, task="sequence-classification", dtype=DTYPES[a.dtype], num_labels=len(names)
+            a.model, task="sequence-classification", num_labels=len(names), **_base_kwargs(a)
         )
     else:
-        model, tok = load_model(a.model, dtype=DTYPES[a.dtype])
+        model, tok = load_model(a.model, **_base_kwargs(a))
     if a.adapter:
         load_adapter(model, a.adapter)
     labels = [r["label"] for r in records] if labelled else None
@@ -278,7 +295,9 @@ def cmd_demo(a: argparse.Namespace) -> int:
     if a.sparse:
         output = a.output if a.output != "runs/demo" else "runs/demo-sparse"
         return run_sparse_demo(output=output, max_steps=a.max_steps, seed=a.seed)
-    return run_demo(output=a.output, max_steps=a.max_steps, seed=a.seed, method=a.method)
+    return run_demo(
+        output=a.output, max_steps=a.max_steps, seed=a.seed, method=a.method, quantize=a.quantize
+    )
 
 
 def _train_command(sub) -> None:
@@ -373,6 +392,12 @@ def _demo_command(sub) -> None:
     )
     p.add_argument("--seed", type=int, default=0, help="random seed")
     p.add_argument(
+        "--quantize",
+        default="none",
+        choices=["none", "nf4", "fp4"],
+        help="fine-tune on a 4-bit base (QLoRA, bitsandbytes) (default: 'none')",
+    )
+    p.add_argument(
         "--sparse",
         action="store_true",
         help="the sparse story instead: Wanda 2:4 pruning -> perplexity drop -> LoRS fine-tune "
@@ -406,6 +431,7 @@ def main(argv: list[str] | None = None) -> int:
         FileExistsError,
         NotImplementedError,
         FloatingPointError,
+        ImportError,
     ) as e:
         print(f"lorakit {args.command}: error: {e}", file=sys.stderr)
         return 2

@@ -254,6 +254,10 @@ class TrainConfig:
     weight_decay: float = opt(0.0, "AdamW weight decay")
     max_grad_norm: float = opt(1.0, "gradient clipping (0: off)")
     dtype: Literal["float32", "bfloat16"] = opt("float32", "model dtype")
+    quantize: Literal["none", "nf4", "fp4"] = opt(
+        "none", "4-bit frozen base (QLoRA, bitsandbytes): nf4 | fp4; none: full precision"
+    )
+    double_quant: bool = opt(True, "with --quantize: quantize the block scales too (QLoRA's)")
     seed: int = opt(0, "random seed")
     max_len: int = opt(256, "tokens per example (lm: window length); prompts cut from the left")
     eval_every: int = opt(0, "evaluate every N steps (0: at the end only)")
@@ -271,8 +275,19 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.adapter is not None and not isinstance(self.adapter, LoRAConfig):
             raise ValueError(f"adapter must be a LoRAConfig or None, got {self.adapter!r}")
-        for name in ("task", "prompt", "schedule", "dtype", "strategy"):
+        for name in ("task", "prompt", "schedule", "dtype", "strategy", "quantize"):
             _check_choice(self, name)
+        if self.quantize != "none" and self.adapter is None:
+            raise ValueError(
+                "full fine-tuning trains every weight, but a 4-bit weight has no gradient; "
+                "use an adapter method (lora, lora_fa, lors) with quantize, or quantize=none"
+            )
+        if self.quantize != "none" and self.strategy == "fsdp":
+            raise ValueError(
+                "FSDP2 cannot shard bitsandbytes' 4-bit weights (packed uint8 whose quant "
+                "state lives outside the tensor); use strategy=ddp (a 4-bit base is ~4.5 bits "
+                "per weight, small enough to replicate), or fsdp on a full-precision base"
+            )
         for name in ("max_steps", "batch_size", "max_len", "lr", "init_samples"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")

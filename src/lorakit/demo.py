@@ -35,7 +35,11 @@ DEMO = {
 
 
 def run_demo(
-    output: str = "runs/demo", max_steps: int | None = None, seed: int = 0, method: str = "lora"
+    output: str = "runs/demo",
+    max_steps: int | None = None,
+    seed: int = 0,
+    method: str = "lora",
+    quantize: str = "none",
 ) -> int:
     from transformers.utils import logging as hf_logging
 
@@ -43,10 +47,12 @@ def run_demo(
     t0 = time.perf_counter()
     torch.manual_seed(seed)
     label = {"lora": "LoRA", "lora_fa": "LoRA-FA"}.get(method, method)
+    base = "" if quantize == "none" else f" ({quantize} 4-bit base)"
     print(
-        f"lorakit demo: SmolLM2-135M-Instruct + {label} on rotten-tomatoes sentiment\n", flush=True
+        f"lorakit demo: SmolLM2-135M-Instruct{base} + {label} on rotten-tomatoes sentiment\n",
+        flush=True,
     )
-    model, tok = load_model("smollm2-135m")
+    model, tok = load_model("smollm2-135m", quantize=None if quantize == "none" else quantize)
     test = data.load_records("rotten-tomatoes", "test")
     template, words = classification_prompt(
         tok, data.label_names("rotten-tomatoes"), DEMO["prompt"]
@@ -62,6 +68,7 @@ def run_demo(
     )
 
     run = {"model": "smollm2-135m", "data": "rotten-tomatoes", "method": method, "seed": seed}
+    run["quantize"] = quantize
     run |= {"eval_examples": 64, "save_every": 0, "output": output}
     cfg = TrainConfig.from_flat({**DEMO, **run, "max_steps": max_steps or DEMO["max_steps"]})
     result = train(cfg, model=model, tokenizer=tok, overwrite=True)

@@ -150,3 +150,12 @@ def describe() -> str:
         f"torch CPU capability {torch.backends.cpu.get_cpu_capability()}; "
         f"16-bit CPU compute ({policy()}): {chosen}"
     )
+
+
+def peak_memory_mib() -> float:
+    """Peak memory of this process: CUDA allocations, or (CPU) its peak resident set."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB

@@ -25,6 +25,7 @@ from .quant import (
     dense_shape,
     dequantized,
     is_8bit,
+    is_quantized,
     zero_pattern,
 )
 
@@ -370,7 +371,27 @@ def merge(model: nn.Module, name: str | None = None) -> nn.Module:
             layer.unmerge()
         _replace(model, path, layer.unload())
     _sync_tie_flag(model)
+    _forget_quantization(model)
     return model
+
+
+def _forget_quantization(model: nn.Module) -> None:
+    """Once no 4-bit weight is left, the model is no longer transformers-quantized: drop its
+    ``quantization_config``, or ``save_pretrained`` writes it and a reload quantizes again."""
+    if any(is_quantized(p) for p in model.parameters()):
+        return
+    config = getattr(model, "config", None)
+    if getattr(config, "quantization_config", None) is not None:
+        del config.quantization_config
+    for attr, off in (
+        ("hf_quantizer", None),
+        ("is_quantized", False),
+        ("is_loaded_in_4bit", False),
+    ):
+        if getattr(model, attr, None):
+            setattr(model, attr, off)
+    if hasattr(model, "quantization_method"):
+        model.quantization_method = None
 
 
 def _sync_tie_flag(model: nn.Module) -> None:

@@ -104,6 +104,7 @@ def load_model(
     dtype: torch.dtype = torch.float32,
     quantize: str | None = None,
     double_quant: bool = True,
+    keep_pattern: bool = False,
     **kwargs: Any,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a model and its tokenizer.
@@ -116,6 +117,8 @@ def load_model(
             (quantized on CPU as it loads; the output head stays in ``dtype``). A pruned model for
             LoRS is quantized with :func:`quantize` instead, which keeps its zero pattern.
         double_quant: with ``quantize``, quantize the block scales too.
+        keep_pattern: with ``quantize``, load in ``dtype`` and quantize with :func:`quantize`,
+            which records the zero pattern LoRS needs (the peak is then the model in ``dtype``).
         **kwargs: passed to ``from_pretrained`` (e.g. ``num_labels``).
 
     Returns:
@@ -135,6 +138,9 @@ def load_model(
     }
     if task not in classes:
         raise ValueError(f"task must be one of {list(classes)}, got {task!r}")
+    if quantize and keep_pattern:
+        model, tokenizer = load_model(name_or_path, task=task, dtype=dtype, **kwargs)
+        return quantize_model(model, quantize, double_quant=double_quant), tokenizer
     path = resolve(name_or_path)
     if quantize:
         kwargs["quantization_config"] = quant.bnb_config(
@@ -208,10 +214,14 @@ def quantize(
     return model
 
 
+quantize_model = quantize  # for load_model, whose argument of that name shadows it
+
+
 def dequantize(model: nn.Module) -> nn.Module:
     """Replace every 4-bit layer of ``model`` (not adapted ones) by a plain ``nn.Linear``."""
-    from .inject import _replace
+    from .inject import _forget_quantization, _replace
 
     for path, m in [(p, m) for p, m in model.named_modules() if quant.is_quantized_layer(m)]:
         _replace(model, path, quant.dequantized(m))
+    _forget_quantization(model)
     return model

@@ -31,7 +31,10 @@ from .checkpoint import (
 )
 from .config import DTYPES, TrainConfig
 from .distributed import Context
+from .hardware import peak_memory_mib
 from .inject import count_parameters, inject
+from .models import quantize
+from .quant import is_quantized
 from .tasks import (
     HEADS,
     Prepared,
@@ -81,14 +84,6 @@ def lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:
     return f
 
 
-def peak_memory_mib() -> float:
-    if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated() / 2**20
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
-
-
 @dataclass
 class Run:
     """What the loop works on, built by :func:`setup`."""
@@ -131,16 +126,20 @@ def _claim_output(cfg: TrainConfig, ctx: Context, resume: bool, overwrite: bool)
 def _load(cfg: TrainConfig, task: str, train_records: list[dict[str, Any]]):
     from .models import load_model
 
+    kw: dict[str, Any] = {"dtype": DTYPES[cfg.dtype]}
+    if cfg.quantize != "none":  # LoRS: quantized by lorakit, which keeps the pruned pattern
+        kw |= {"quantize": cfg.quantize, "double_quant": cfg.double_quant}
+        kw["keep_pattern"] = cfg.adapter is not None and cfg.adapter.capabilities.sparse_base
     if task != "seq-cls":
-        return load_model(cfg.model, dtype=DTYPES[cfg.dtype])
+        return load_model(cfg.model, **kw)
     names = label_names(cfg, train_records)
-    return load_model(
-        cfg.model, task="sequence-classification", dtype=DTYPES[cfg.dtype], num_labels=len(names)
-    )
+    return load_model(cfg.model, task="sequence-classification", num_labels=len(names), **kw)
 
 
 def _adapt(model: nn.Module, cfg: TrainConfig, task: str, ctx: Context) -> None:
-    """Memory reductions, the adapter (or every weight trainable), the device."""
+    """4-bit base, memory reductions, the adapter (or every weight trainable), the device."""
+    if cfg.quantize != "none" and not any(is_quantized(p) for p in model.parameters()):
+        quantize(model, cfg.quantize, double_quant=cfg.double_quant)  # a model passed in
     if cfg.reduce_memory:
         from .memory import reduce_activation_memory
 
