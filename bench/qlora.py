@@ -5,13 +5,14 @@ PEFT QLoRA (transformers' ``BitsAndBytesConfig`` nf4 + double quant, ``get_peft_
 ``prepare_model_for_kbit_training``, whose default turns on gradient checkpointing: every row is
 measured without checkpointing), lorakit QLoRA and QLoRA-FA on the same 4-bit base, each with and
 without ``reduce_activation_memory``, and full-precision lorakit LoRA for reference. Columns:
-weight bytes (parameters, buffers and bitsandbytes' block scales and codebooks), trainable +
-AdamW bytes (grads and 2 states), saved activations (unique storages autograd keeps, parameters
+base weight bytes (parameters, buffers and bitsandbytes' block scales and codebooks; adapter
+tensors excluded), adapter + grads + AdamW bytes, saved activations (unique storages autograd keeps, parameters
 excluded), total, median step time (forward + backward + AdamW, round-robin after a warm-up),
 and the first step's loss against full precision (B = 0 there: the quantization error alone).
-A LLaMA-7B-shaped decoder block (d=4096, d_ff=11008), bytes only, shows the scaling.
+Then the saved bytes of the same rows on a bf16 model, and a LLaMA-7B-shaped decoder block (d=4096, d_ff=11008), bytes only, shows the scaling.
 
-    .venv/bin/python bench/qlora.py           # STEPS=4 timed steps per row; --plot re-draws
+    .venv/bin/python bench/qlora.py    # STEPS=4 timed steps per row, BF16=0 skips the bf16
+                                       # memory rows; --plot re-draws the PNG
 """
 
 from __future__ import annotations
@@ -45,9 +46,11 @@ PEFT = "PEFT QLoRA (nf4, double quant)"
 
 
 def weight_bytes(model: torch.nn.Module) -> int:
-    """Parameters and buffers (unique storages), plus every 4-bit weight's quant state tensors."""
+    """The base: parameters and buffers that are not adapter tensors (unique storages), plus
+    every 4-bit weight's quant state tensors (block scales, their scales, codebooks)."""
     seen, total = set(), 0
-    tensors = [*model.parameters(), *model.buffers()]
+    named = [*model.named_parameters(), *model.named_buffers()]
+    tensors = [t for n, t in named if "lora_" not in n]
     for t in list(tensors):
         qs = quant.state(t)
         while qs is not None:  # block scales, their own scales (double quant), codebooks
@@ -63,14 +66,18 @@ def weight_bytes(model: torch.nn.Module) -> int:
 
 
 def trainable_bytes(model: torch.nn.Module) -> int:
-    return 3 * sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    """Adapter tensors (LoRA-FA's frozen A included), plus grads and 2 AdamW states of the
+    trainable ones."""
+    named = [*model.named_parameters(), *model.named_buffers()]
+    adapter = sum(t.numel() * t.element_size() for n, t in named if "lora_" in n)
+    grads = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    return adapter + 3 * grads
 
 
-def builders():
+def builders(dtype: torch.dtype = torch.float32, full_precision: bool = True):
     from peft import LoraConfig, get_peft_model
 
-    base4, _ = lk.load_model("smollm2-135m", quantize="nf4", double_quant=True)
-    base, _ = lk.load_model("smollm2-135m")
+    base4, _ = lk.load_model("smollm2-135m", dtype=dtype, quantize="nf4", double_quant=True)
     peft_cfg = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=PROJECTIONS)
 
     def ours(model, method, reduce=False):
@@ -82,14 +89,33 @@ def builders():
 
         return build
 
-    return {
+    rows = {
         PEFT: lambda: get_peft_model(fresh(base4), peft_cfg),
         "lorakit QLoRA": ours(base4, "lora"),
         "lorakit QLoRA + reduce": ours(base4, "lora", True),
         "lorakit QLoRA-FA": ours(base4, "lora_fa"),
         "lorakit QLoRA-FA + reduce": ours(base4, "lora_fa", True),
-        "lorakit LoRA, full precision": ours(base, "lora"),
     }
+    if full_precision:
+        rows["lorakit LoRA, full precision"] = ours(lk.load_model("smollm2-135m")[0], "lora")
+    return rows
+
+
+def bf16_table() -> list[str]:
+    """The same rows on a bf16 model (bitsandbytes computes in bf16), saved bytes only: one
+    forward + backward per row (PEFT's bf16 layers run bf16 GEMMs, slow on CPUs without bf16
+    units, so they are not timed here)."""
+    ids = torch.randint(0, 49152, (1, SEQ), generator=torch.Generator().manual_seed(0))
+    rows, ref = [], None
+    for name, build in builders(torch.bfloat16, full_precision=False).items():
+        model = build().train()
+        loss, saved = count_saved(model, lambda m=model: m(input_ids=ids, labels=ids).loss)
+        del loss, model
+        gc.collect()
+        ref = ref or saved
+        rows.append(f"| {name} | {saved / MiB:.1f} | {saved / ref:.2f}x |")
+        print(rows[-1], flush=True)
+    return rows
 
 
 def smollm2_table(steps: int) -> list[str]:
@@ -166,7 +192,7 @@ def plot(text: str, file: Path) -> None:
     plt = pyplot()
     rows = [r for r in table_rows(text) if len(r) == 10]
     names = [r[0] for r in rows]
-    parts = [("weights", 1), ("trainable + AdamW", 2), ("saved activations", 3)]
+    parts = [("base weights", 1), ("adapter + grads + AdamW", 2), ("saved activations", 3)]
     fig, ax = plt.subplots(figsize=(9, 4))
     left = [0.0] * len(rows)
     for label, col in parts:
@@ -196,15 +222,23 @@ def main() -> None:
         f"## SmolLM2-135M, nf4 + double quant, fp32 activations, batch 1, seq {SEQ}, r=16, all 7 "
         f"projections ({steps} timed steps per row, round-robin)",
         "",
-        "| row | weights MiB | trainable + AdamW MiB | saved MiB | saved vs PEFT | total MiB "
+        "| row | base weights MiB | adapter + grads + AdamW MiB | saved MiB | saved vs PEFT | total MiB "
         "| step s | step vs PEFT | first loss | vs full precision |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
         *smollm2_table(steps),
         "",
+        f"## The same on a bf16 model (nf4, compute dtype bf16), seq {SEQ}: saved bytes only",
+        "",
+        "PEFT keeps its fp32 adapters' input as an fp32 copy per layer; lorakit keeps x in bf16.",
+        "",
+        "| row | saved MiB | saved vs PEFT |",
+        "|---|---:|---:|",
+        *(bf16_table() if env_flag("BF16", 1) else ["| (skipped: BF16=0) | | |"]),
+        "",
         f"## One LLaMA-7B-shaped decoder block (d=4096, d_ff=11008, 32 heads), nf4, seq {SEQ}, "
         "r=16 (bytes only)",
         "",
-        "| row | weights MiB | trainable + AdamW MiB | saved MiB | saved vs PEFT |",
+        "| row | base weights MiB | adapter + grads + AdamW MiB | saved MiB | saved vs PEFT |",
         "|---|---:|---:|---:|---:|",
         *block_table(),
         "",

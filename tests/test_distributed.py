@@ -59,12 +59,12 @@ def _torchrun(args: list[str], nproc: int = 2, **kw) -> subprocess.CompletedProc
     return subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300, **kw)
 
 
-def _single(setup, method: str, out: Path, steps: int = 4) -> dict:
+def _single(setup, method: str, out: Path, steps: int = 4, **extra) -> dict:
     model, data = setup
     cfg = TrainConfig.from_flat(dict(
         model=str(model), data=str(data), val_data=str(data), method=method, rank=4, alpha=8,
         batch_size=4, micro_batch_size=1, lr=5e-3, max_len=64, save_every=2, progress=False,
-        eval_examples=7, max_steps=steps, output=str(out),
+        eval_examples=7, max_steps=steps, output=str(out), **extra,
     ))  # fmt: skip
     return train(cfg)["summary"]
 
@@ -100,6 +100,18 @@ def test_ddp_and_fsdp_equal_one_process(setup, tmp_path, method):
             "adapter", "checkpoint", "config.yaml", "loss.png", "metrics.csv", "metrics.jsonl",
             "summary.json",
         ]  # fmt: skip
+
+
+@pytest.mark.parametrize("method", ["lora_fa", "lors"])
+def test_ddp_on_a_4bit_base_equals_one_process(setup, tmp_path, method):
+    pytest.importorskip("bitsandbytes")
+    _single(setup, method, tmp_path / "single", quantize="nf4")
+    ref = _adapter(tmp_path / "single")
+    assert any(float(t.abs().max()) > 0 for k, t in ref.items() if "lora_B" in k)
+    out = tmp_path / "ddp"
+    run = _torchrun([*_args(setup, method, out), "--quantize", "nf4"])
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert _max_diff(_adapter(out), ref) <= 1e-5
 
 
 def test_fsdp_composes_with_reduce_memory_and_checkpointing(setup, tmp_path):

@@ -293,6 +293,11 @@ def cmd_demo(a: argparse.Namespace) -> int:
     from .demo import run_demo, run_sparse_demo
 
     if a.sparse:
+        if a.quantize != "none":
+            raise ValueError(
+                "demo --sparse runs in full precision; --quantize applies to the LoRA demo "
+                "(for LoRS on 4 bits: lorakit train --method lors --quantize nf4 on a pruned model)"
+            )
         output = a.output if a.output != "runs/demo" else "runs/demo-sparse"
         return run_sparse_demo(output=output, max_steps=a.max_steps, seed=a.seed)
     return run_demo(
