@@ -150,7 +150,11 @@ def block_table() -> list[str]:
     )
     cfg._attn_implementation = "sdpa"
     torch.manual_seed(0)
-    block = lk.quantize(LlamaDecoderLayer(cfg, layer_idx=0), "nf4")
+    block = LlamaDecoderLayer(cfg, layer_idx=0)
+    for m in block.modules():  # a bare block is not initialised by transformers: N(0, 0.02)
+        if isinstance(m, torch.nn.Linear):
+            torch.nn.init.normal_(m.weight, std=0.02)
+    block = lk.quantize(block, "nf4", keep_pattern=False)
     x = torch.randn(1, SEQ, 4096, requires_grad=True)
     pos = torch.arange(SEQ)[None]
     cos, sin = LlamaRotaryEmbedding(cfg)(x, pos)

@@ -55,6 +55,7 @@ def test_quantize_matches_transformers_loading(tiny, ids):
     a, b = packed(ours), packed(theirs)
     assert a.keys() == b.keys() and len(a) == 2 * 7 * 2  # 7 projections x 2 blocks, no head
     assert all(torch.equal(a[k], b[k]) for k in a)
+    assert lk.count_parameters(ours)[1] == lk.count_parameters(lk.load_model(tiny)[0])[1]
     assert type(ours.lm_head) is torch.nn.Linear and type(theirs.lm_head) is torch.nn.Linear
     with torch.no_grad():
         torch.testing.assert_close(logits(ours, ids), logits(theirs, ids), rtol=0, atol=0)

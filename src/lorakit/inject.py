@@ -417,7 +417,7 @@ def unload(model: nn.Module) -> nn.Module:
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
-    """``(trainable, total)`` parameter counts."""
+    """``(trainable, total)`` parameter counts (a 4-bit weight counts its dense (out, in))."""
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
+    total = sum(dense_shape(p).numel() for p in model.parameters())
     return trainable, total
