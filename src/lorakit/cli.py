@@ -182,13 +182,11 @@ def _base_kwargs(a: argparse.Namespace) -> dict[str, Any]:
     kw: dict[str, Any] = {"dtype": DTYPES[a.dtype]}
     if a.quantize != "none":
         kw |= {"quantize": a.quantize, "double_quant": a.double_quant}
-        if a.adapter:
-            from safetensors import safe_open
+        if a.adapter:  # read (and checked) here, then again, small, by load_adapter
+            from .peft_format import read_adapter
 
-            from .peft_format import WEIGHTS_NAME
-
-            with safe_open(str(Path(a.adapter) / WEIGHTS_NAME), "pt") as f:
-                kw["keep_pattern"] = (f.metadata() or {}).get("lorakit_method") == "lors"
+            method = read_adapter(a.adapter).metadata.get("lorakit_method")
+            kw["keep_pattern"] = method == "lors"
     return kw
 
 

@@ -149,9 +149,16 @@ def _check_kind(path: str, layer: nn.Module, config: LoRAConfig) -> None:
         )
 
 
-def _has_zero(layer: nn.Module, bits: torch.Tensor) -> bool:
+def _has_zero(layer: nn.Module) -> bool:
+    """Whether a layer's weight has a zero: read from a full-precision weight directly, from the
+    pattern :func:`lorakit.quantize` recorded for a 4-bit one (refused when there is none)."""
+    if not is_quantized(layer.weight):
+        return bool((layer.weight == 0).any())
     from .bitmask import unpack_mask
 
+    bits = zero_pattern(layer)
+    if bits is None:
+        raise ValueError(NO_PATTERN)
     return not bool(unpack_mask(bits, dense_shape(layer.weight), torch.bool).all())
 
 
@@ -191,10 +198,7 @@ def add_adapter(
             )
         adapter_class(per_path[p].method)  # unknown / unimplemented methods fail here
     sparse = [p for p in paths if per_path[p].capabilities.sparse_base]
-    patterns = {p: zero_pattern(modules[p]) for p in sparse}
-    if any(bits is None for bits in patterns.values()):
-        raise ValueError(NO_PATTERN)
-    if sparse and not any(_has_zero(modules[p], bits) for p, bits in patterns.items()):
+    if sparse and not any([_has_zero(modules[p]) for p in sparse]):  # every one checked
         method = per_path[sparse[0]].method
         raise ValueError(
             f"{method} keeps a pruned model sparse, but none of the {len(sparse)} target layers "
