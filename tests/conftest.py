@@ -28,13 +28,13 @@ class MLP(nn.Module):
         return self.head(torch.relu(self.fc2(torch.relu(self.fc1(self.embed(input_ids))))))
 
 
-def tiny_llama() -> nn.Module:
+def tiny_llama(hidden_size: int = 32, intermediate_size: int = 48) -> nn.Module:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     cfg = LlamaConfig(
         vocab_size=128,
-        hidden_size=32,
-        intermediate_size=48,
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
@@ -136,7 +136,8 @@ def ids() -> torch.Tensor:
 
 @pytest.fixture(scope="session")
 def tiny(tmp_path_factory) -> Path:
-    """A tiny LLaMA with SmolLM2's tokenizer, saved as an HF folder."""
+    """A tiny LLaMA with SmolLM2's tokenizer, saved as an HF folder. Its widths are multiples of
+    64, bitsandbytes' block: its AVX-512 CPU kernels scale blocks that straddle rows wrongly."""
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     from lorakit.models import smollm2_dir
@@ -146,8 +147,8 @@ def tiny(tmp_path_factory) -> Path:
     torch.manual_seed(0)
     cfg = LlamaConfig(
         vocab_size=len(tok),
-        hidden_size=32,
-        intermediate_size=48,
+        hidden_size=64,
+        intermediate_size=128,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,

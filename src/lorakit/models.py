@@ -148,6 +148,8 @@ def load_model(
         )
         kwargs.setdefault("device_map", {"": "cpu"})
     model = classes[task].from_pretrained(path, dtype=dtype, **kwargs)
+    if quantize:
+        quant.keep_canonical(model)
     tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -211,7 +213,7 @@ def quantize(
             setattr(q, quant.PATTERN + "_none", True)  # known to have no zero weight
         q.train(m.training)
         _replace(model, path, q)
-    return model
+    return quant.keep_canonical(model)
 
 
 quantize_model = quantize  # for load_model, whose argument of that name shadows it

@@ -108,9 +108,25 @@ def dense(weight: torch.Tensor, dtype: torch.dtype, qs=None) -> torch.Tensor:
     absmax = qs.absmax
     if qs.nested:  # double quantization: the block scales are 8-bit themselves
         absmax = (bf.dequantize_blockwise(qs.absmax, qs.state2) + qs.offset).float()
+    if weight.device.type == "cpu" and qs.shape[-1] % qs.blocksize:
+        return _dense_by_table(weight.data, absmax, qs, dtype)
     return torch.ops.bitsandbytes.dequantize_4bit.default(
         weight.data.view(-1, 1), absmax, qs.blocksize, qs.quant_type, qs.shape, dtype
     )
+
+
+def _dense_by_table(packed: torch.Tensor, absmax: torch.Tensor, qs, dtype) -> torch.Tensor:
+    """Dequantization by table lookup, for rows that blocks straddle (``in % blocksize != 0``):
+    bitsandbytes 0.50's AVX-512 CPU kernel assumes blocks within rows and scales those wrongly
+    (seen: (48, 32) in blocks of 64, an error of 40 % of the largest weight)."""
+    import bitsandbytes.functional as bf
+
+    codes = packed.reshape(-1).view(torch.uint8)
+    nibbles = torch.stack((codes >> 4, codes & 15), dim=1).reshape(-1)  # high nibble first
+    table = bf.get_4bit_type(qs.quant_type, device=packed.device)
+    n = qs.shape.numel()
+    scale = absmax.float().repeat_interleave(qs.blocksize)[:n]  # the last block may be partial
+    return (table[nibbles[:n].long()] * scale).view(qs.shape).to(dtype)
 
 
 def zero_pattern(module: nn.Module) -> torch.Tensor | None:
@@ -139,6 +155,29 @@ def prepare(module: nn.Module) -> None:
         from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
 
         w.data, w.quant_state = _convert_weight_packed_for_cpu_inverse(w.data, w.quant_state)
+
+
+def keep_canonical(model: nn.Module) -> nn.Module:
+    """:func:`prepare` every 4-bit layer of ``model`` as it is loaded, so that no eval forward
+    repacks a weight before lorakit adapts it (bitsandbytes' repacking keeps the block scales
+    in bfloat16, and undoing it does not give the original back)."""
+    straddling = []
+    for name, m in model.named_modules():
+        prepare(m)
+        qs = state(getattr(m, "weight", None))
+        if qs is not None and m.weight.device.type == "cpu" and qs.shape[-1] % qs.blocksize:
+            straddling.append(name)
+    if straddling and torch.backends.cpu.get_cpu_capability() == "AVX512":
+        import warnings
+
+        warnings.warn(
+            f"{len(straddling)} 4-bit layers (e.g. {straddling[0]}) have an input width that is "
+            "not a multiple of the 4-bit block: on this AVX-512 CPU bitsandbytes' own kernels "
+            "compute them wrongly; lorakit's adapted layers dequantize them exactly, so target "
+            "every 4-bit layer",
+            stacklevel=3,
+        )
+    return model
 
 
 def bnb_config(quant_type: str = "nf4", *, double_quant: bool = True, compute_dtype=None):
