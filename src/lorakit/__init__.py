@@ -28,6 +28,7 @@ from .inject import (
 from .layers import AdaptedLayer
 from .memory import reduce_activation_memory
 from .models import dequantize, load_model, quantize
+from .planner import plan
 from .profile import count_saved, profile_steps
 from .prune import prune
 
@@ -50,6 +51,7 @@ __all__ = [
     "load_model",
     "match_targets",
     "merge",
+    "plan",
     "profile_steps",
     "prune",
     "quantize",

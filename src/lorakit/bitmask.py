@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import torch
 
-_BIT = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8)
-
 
 def pack_mask(w: torch.Tensor) -> torch.Tensor:
     """M = [w ≠ 0] packed 8 per byte: uint8 (ceil(numel / 8),), on w's device."""
     flat = (w != 0).reshape(-1)
     flat = torch.cat([flat, flat.new_zeros(-flat.numel() % 8)])
-    return flat.view(-1, 8).to(torch.uint8).mul_(_BIT.to(w.device)).sum(1, dtype=torch.uint8)
+    # Bit values made here, not at import: under fake tensors (lorakit plan) they must be fake.
+    bit = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8, device=w.device)
+    return flat.view(-1, 8).to(torch.uint8).mul_(bit).sum(1, dtype=torch.uint8)
 
 
 def unpack_mask(bits: torch.Tensor, shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:

@@ -1,75 +1,18 @@
-"""The ``lorakit`` command: a thin shell over the library (train, eval, merge, demo)."""
+"""The ``lorakit`` command: a thin shell over the library (train, eval, merge, demo, plan)."""
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import sys
 import time
-import typing
 from pathlib import Path
 from typing import Any
 
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
-
-def _flag_kwargs(f: dataclasses.Field, hint: Any, default: Any) -> dict[str, Any]:
-    """argparse keywords for a config field: type (or parse), choices, help with the default."""
-    args = typing.get_args(hint) if typing.get_origin(hint) is not typing.Literal else ()
-    optional = type(None) in args
-    inner = [a for a in args if a is not type(None)] if args else [hint]
-    help = f.metadata.get("help", "")
-    kw: dict[str, Any] = {"help": help if "default:" in help else f"{help} (default: {default!r})"}
-    if "parse" in f.metadata:
-        return {**kw, "type": f.metadata["parse"]}
-    if inner == [bool]:
-        return {**kw, "action": argparse.BooleanOptionalAction}
-    literal = [a for a in inner if typing.get_origin(a) is typing.Literal]
-    if literal:
-        choices = list(typing.get_args(literal[0]))
-        return {
-            **kw,
-            "choices": choices + ([None] if optional else []),
-            "type": _none_or(str, optional),
-        }
-    base = next(a for a in inner if a in (int, float, str))
-    return {**kw, "type": _none_or(base, optional)}
-
-
-def _none_or(kind: type, optional: bool):
-    if not optional:
-        return kind
-    return lambda v: None if v.lower() in ("none", "null") else kind(v)
-
-
-def add_config_flags(
-    p: argparse.ArgumentParser,
-    cls: type,
-    *,
-    only: tuple[str, ...] | None = None,
-    skip: tuple[str, ...] = (),
-    suppress: bool = True,
-    defaults: Any = None,
-) -> list[str]:
-    """One ``--flag`` per field of config dataclass ``cls`` (``_`` -> ``-``); returns the names.
-
-    With ``suppress`` a flag not given is absent from the namespace, so a ``--config`` file and
-    the dataclass defaults fill it in (flags override the file). ``defaults``: an instance whose
-    values the help shows as defaults (e.g. the adapter a training run uses).
-    """
-    hints = typing.get_type_hints(cls)
-    names = []
-    for f in dataclasses.fields(cls):
-        if f.name in skip or (only is not None and f.name not in only):
-            continue
-        default = f.default if defaults is None else getattr(defaults, f.name)
-        kw = _flag_kwargs(f, hints[f.name], default)
-        kw["default"] = argparse.SUPPRESS if suppress else default
-        p.add_argument("--" + f.name.replace("_", "-"), dest=f.name, **kw)
-        names.append(f.name)
-    return names
+from .flags import add_config_flags, read_config_file  # noqa: E402
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -102,30 +45,6 @@ def _train_args(p: argparse.ArgumentParser) -> None:
 
 
 RUN_ONLY_FLAGS = ("config", "resume", "overwrite", "command", "func")
-
-
-def read_config_file(path: str | Path) -> dict[str, Any]:
-    """A flat mapping from a YAML, JSON or TOML run file."""
-    file = Path(path)
-    if not file.is_file():
-        raise FileNotFoundError(f"--config {file}: no such file")
-    text = file.read_text()
-    suffix = file.suffix.lower()
-    if suffix == ".json":
-        data = json.loads(text)
-    elif suffix == ".toml":
-        import tomllib
-
-        data = tomllib.loads(text)
-    elif suffix in (".yaml", ".yml"):
-        import yaml
-
-        data = yaml.safe_load(text) or {}
-    else:
-        raise ValueError(f"--config {file}: expected a .yaml, .yml, .json or .toml file")
-    if not isinstance(data, dict):
-        raise ValueError(f"--config {file}: expected a mapping of keys to values at the top")
-    return data
 
 
 def _train_config(a: argparse.Namespace):
@@ -420,6 +339,9 @@ def build_parser() -> argparse.ArgumentParser:
     _merge_command(sub)
     _prune_command(sub)
     _demo_command(sub)
+    from .planner.cli import add_command as plan_command
+
+    plan_command(sub)
     return parser
 
 

@@ -108,7 +108,8 @@ def wrap(model: nn.Module, strategy: str, ctx: Context) -> nn.Module:
     """Wrap ``model`` for ``strategy``; returns what the training loop calls forward on."""
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
-    model.to(ctx.device)
+    if any(p.device != ctx.device for p in model.parameters()):  # (a fake model cannot move)
+        model.to(ctx.device)
     if strategy == "ddp":
         from torch.nn.parallel import DistributedDataParallel
 
@@ -140,7 +141,10 @@ def wrap(model: nn.Module, strategy: str, ctx: Context) -> nn.Module:
             "--grad-correction (LoRA-FA v2) hooks B's gradient, which FSDP2 replaces with a "
             "sharded tensor; use --strategy ddp with it"
         )
-    mesh = init_device_mesh(ctx.device.type, (ctx.world,))
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+    with unset_fake_temporarily():  # the mesh's rank table is real even when planning
+        mesh = init_device_mesh(ctx.device.type, (ctx.world,))
     for block in blocks:
         fully_shard(block, mesh=mesh)
     fully_shard(model, mesh=mesh)

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .constants import IGNORE_INDEX as IGNORE
+from .fake import is_fake
 
 
 def _forward_logits(model: nn.Module, input_ids, attention_mask, keep: int) -> torch.Tensor:
@@ -49,18 +50,19 @@ def token_losses(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torc
     """
     batch = to_device(batch, model)
     ids, mask, labels = batch["input_ids"], batch.get("attention_mask"), batch["labels"]
+    if mask is not None and (is_fake(mask) or bool(mask.all())):
+        # No padding: no mask. The model then attends causally without a (b, s, s) mask
+        # tensor (kept for backward), and sdpa may take its flash kernel.
+        mask = None
     inner = getattr(model, "module", model)  # under a DDP wrapper
     if hasattr(inner, "_lorakit_dense_forward"):  # reduce_activation_memory's chunked loss
         kwargs = {} if mask is None else {"position_ids": (mask.cumsum(-1) - 1).clamp(min=0)}
         out = model(
             input_ids=ids, attention_mask=mask, labels=labels, num_items_in_batch=1, **kwargs
         )
-        return out.loss, int((labels[:, 1:] != IGNORE).sum())
+        return out.loss, _count(labels[:, 1:])
     seq = ids.shape[1]
-    has = (labels != IGNORE).any(0).nonzero()
-    # The logit at p predicts token p + 1. Without any label the forward still runs (one
-    # position): distributed evaluation pads ranks with such rows and FSDP needs equal passes.
-    first = max(int(has.min()) - 1, 0) if has.numel() else seq - 1
+    first = _first_prediction(labels)
     keep = seq - first
     logits = _forward_logits(model, ids, mask, keep)[:, :-1]  # (b, keep - 1, vocab)
     targets = labels[:, first + 1 :]  # (b, keep - 1)
@@ -70,7 +72,25 @@ def token_losses(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torc
         ignore_index=IGNORE,
         reduction="sum",
     )
-    return loss, int((targets != IGNORE).sum())
+    return loss, _count(targets)
+
+
+def _count(targets: torch.Tensor) -> int:
+    if is_fake(targets):  # planning: every position is a target (see lorakit.fake)
+        return targets.numel()
+    return int((targets != IGNORE).sum())
+
+
+def _first_prediction(labels: torch.Tensor) -> int:
+    """The first position whose logit is needed: the one before the first label.
+
+    The logit at p predicts token p + 1. Without any label the forward still runs (one
+    position): distributed evaluation pads ranks with such rows and FSDP needs equal passes.
+    """
+    if is_fake(labels):  # planning: labels from position 1 on (see lorakit.fake)
+        return 0
+    has = (labels != IGNORE).any(0).nonzero()
+    return max(int(has.min()) - 1, 0) if has.numel() else labels.shape[1] - 1
 
 
 @torch.no_grad()

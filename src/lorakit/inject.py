@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from .config import LoRAConfig
+from .fake import is_fake
 from .layers import AdaptedLayer, layer_kind
 from .methods import adapter_class
 from .quant import (
@@ -152,6 +153,8 @@ def _check_kind(path: str, layer: nn.Module, config: LoRAConfig) -> None:
 def _has_zero(layer: nn.Module) -> bool:
     """Whether a layer's weight has a zero: read from a full-precision weight directly, from the
     pattern :func:`lorakit.quantize` recorded for a 4-bit one (refused when there is none)."""
+    if is_fake(layer.weight):  # lorakit plan: a pruned base is assumed (see lorakit.fake)
+        return True
     if not is_quantized(layer.weight):
         return bool((layer.weight == 0).any())
     from .bitmask import unpack_mask

@@ -30,11 +30,23 @@ import torch.nn.functional as F
 from torch import nn
 
 from .constants import IGNORE_INDEX as IGNORE
+from .fake import is_fake
 
 # Model types whose norms, MLP and LM head are exactly what the replacements compute (Gemma's
 # (1 + w) RMSNorm and soft-capped / scaled logits are not).
 SUPPORTED = {"llama", "mistral", "qwen2", "qwen3", "gpt2"}
 MLP_MODES = ("recompute", "elementwise", None)
+
+
+def _compute_dtype(weight: torch.Tensor, acc: torch.dtype) -> torch.dtype:
+    """16-bit heads: their own dtype, or float32 where this CPU has no 16-bit units."""
+    if weight.dtype not in (torch.bfloat16, torch.float16):
+        return acc
+    if weight.device.type == "cpu":
+        from .hardware import cpu_compute_dtype
+
+        return cpu_compute_dtype(weight.dtype)
+    return weight.dtype
 
 
 def _acc(t: torch.Tensor) -> torch.dtype:
@@ -69,23 +81,30 @@ class LinearCrossEntropy(torch.autograd.Function):
         loss = torch.zeros((), dtype=acc, device=h.device)
         dh = torch.zeros_like(h) if grads else None
         dw = torch.zeros_like(weight, dtype=acc) if grads and weight.requires_grad else None
-        w32 = weight.to(acc)
+        # The GEMMs run in the weight's compute dtype (a 16-bit head on GPU: its own, as the
+        # unreduced model's logits are; never a whole fp32 copy of a 128k-vocabulary head),
+        # the softmax in fp32.
+        cd = _compute_dtype(weight, acc)
+        w = weight.to(cd)
         for i in range(0, n, chunk):
-            hc, yc = h[i : i + chunk].to(acc), labels[i : i + chunk]
-            z = hc @ w32.t()  # (C, V)
-            lse = torch.logsumexp(z, dim=-1)
+            hc, yc = h[i : i + chunk], labels[i : i + chunk]
+            z = (hc.to(cd) @ w.t()).to(acc)  # (C, V)
             valid = yc != IGNORE
             safe = torch.where(valid, yc, 0)
-            loss += ((lse - z.gather(1, safe[:, None]).squeeze(1)) * valid).sum()
+            target = z.gather(1, safe[:, None]).squeeze(1)
+            # logsumexp in place (torch.logsumexp allocates a second (C, V) buffer for z - max):
+            # z becomes exp(z - max), then the softmax, then the gradient w.r.t. the logits.
+            top = z.amax(dim=-1)
+            total = z.sub_(top[:, None]).exp_().sum(-1)
+            loss += ((total.log() + top - target) * valid).sum()
             if not grads:
                 continue
-            # z becomes the gradient of the summed loss w.r.t. the logits, in place.
-            z.sub_(lse[:, None]).exp_()
+            z.div_(total[:, None])
             z[torch.arange(len(yc), device=z.device), safe] -= 1.0
             z.mul_(valid[:, None])
-            dh[i : i + chunk] = (z @ w32).to(h.dtype)
+            dh[i : i + chunk] = (z.to(cd) @ w).to(h.dtype)
             if dw is not None:
-                dw.addmm_(z.t(), hc)
+                dw.addmm_(z.t(), hc.to(acc))
         ctx.save_for_backward(dh, dw)
         ctx.weight_dtype = weight.dtype
         return loss
@@ -109,7 +128,10 @@ def chunked_causal_lm_loss(
         raise NotImplementedError("chunked loss for an LM head with a bias is not supported")
     h = hidden[:, :-1].reshape(-1, hidden.shape[-1])
     y = labels[:, 1:].reshape(-1)
-    keep = (y != IGNORE).nonzero().squeeze(1)  # skip tokens without loss entirely
+    if is_fake(y):  # planning: every shifted label is a target (see lorakit.fake)
+        keep = torch.arange(y.shape[0], device=y.device)
+    else:
+        keep = (y != IGNORE).nonzero().squeeze(1)  # skip tokens without loss entirely
     h, y = h.index_select(0, keep), y.index_select(0, keep)
     if _adapter_active(head):
         return _checkpointed_head_loss(h, head, y, chunk), int(keep.numel())

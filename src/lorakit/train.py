@@ -136,7 +136,7 @@ def _load(cfg: TrainConfig, task: str, train_records: list[dict[str, Any]]):
     return load_model(cfg.model, task="sequence-classification", num_labels=len(names), **kw)
 
 
-def _adapt(model: nn.Module, cfg: TrainConfig, task: str, ctx: Context) -> None:
+def _adapt(model: nn.Module, cfg: TrainConfig, task: str, ctx: Context, place=True) -> None:
     """4-bit base, memory reductions, the adapter (or every weight trainable), the device."""
     if cfg.quantize != "none" and not any(is_quantized(p) for p in model.parameters()):
         quantize(model, cfg.quantize, double_quant=cfg.double_quant)  # a model passed in
@@ -154,6 +154,8 @@ def _adapt(model: nn.Module, cfg: TrainConfig, task: str, ctx: Context) -> None:
         heads = tuple(h for h in HEADS if task == "seq-cls" and hasattr(model, h))
         extra = tuple(h for h in heads if h not in cfg.adapter.modules_to_save)
         inject(model, cfg.adapter.replace(modules_to_save=cfg.adapter.modules_to_save + extra))
+    if not place:  # the planner's fake model stays where it was built
+        return
     if cfg.device != "auto":
         model.to(cfg.device)
     elif ctx.enabled or torch.cuda.is_available():
