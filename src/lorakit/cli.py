@@ -1,4 +1,5 @@
-"""The ``lorakit`` command: a thin shell over the library (train, eval, merge, demo, plan)."""
+"""The ``lorakit`` command: a thin shell over the library (train, eval, merge, prune, demo,
+generate, plan)."""
 
 from __future__ import annotations
 
@@ -171,6 +172,59 @@ def cmd_merge(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_generate(a: argparse.Namespace) -> int:
+    from .adapters import load_adapter
+    from .config import DTYPES
+    from .generate import reply
+    from .inject import merge
+    from .models import load_model
+
+    if not a.interactive and a.prompt is None:
+        raise ValueError("give --prompt TEXT, or --interactive for a conversation")
+    model, tok = load_model(a.model, dtype=DTYPES[a.dtype])
+    if a.adapter:  # merged: answers cost what the base model costs (LoRS stays sparse)
+        model = merge(load_adapter(model, a.adapter))
+    messages = [{"role": "system", "content": a.system}] if a.system else []
+    options = {"max_new_tokens": a.max_new_tokens, "temperature": a.temperature}
+    options |= {"top_p": a.top_p, "seed": a.seed, "template": a.chat_template}
+    prompt = a.prompt
+    while True:
+        if prompt is None:
+            try:
+                prompt = input("you> ").strip()
+            except EOFError:
+                prompt = ""
+            if not prompt:
+                return 0
+        messages.append({"role": "user", "content": prompt})
+        messages.append({"role": "assistant", "content": reply(model, tok, messages, **options)})
+        if not a.interactive:
+            return 0
+        prompt = None
+
+
+def _generate_command(sub) -> None:
+    p = sub.add_parser(
+        "generate",
+        help="chat with a model (and an adapter), the answer streamed",
+        description="Render the conversation with the model's chat template and stream the answer.",
+    )
+    p.add_argument("--model", default="smollm2-135m", help="base model (or a merged one)")
+    p.add_argument("--adapter", default=None, help="adapter folder (lorakit or PEFT), merged first")
+    p.add_argument("--prompt", default=None, help="the user's message")
+    p.add_argument("--system", default=None, help="a system prompt")
+    p.add_argument("--interactive", action="store_true", help="a multi-turn session on stdin")
+    p.add_argument("--max-new-tokens", type=int, default=256, help="longest answer (tokens)")
+    p.add_argument("--temperature", type=float, default=0.7, help="0: greedy")
+    p.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling threshold")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    p.add_argument("--chat-template", default=None, help="a Jinja chat template file")
+    p.add_argument(
+        "--dtype", default="float32", choices=["float32", "bfloat16"], help="model dtype"
+    )
+    p.set_defaults(func=cmd_generate)
+
+
 def cmd_prune(a: argparse.Namespace) -> int:
     from .config import DTYPES
     from .models import load_model
@@ -339,6 +393,7 @@ def build_parser() -> argparse.ArgumentParser:
     _merge_command(sub)
     _prune_command(sub)
     _demo_command(sub)
+    _generate_command(sub)
     from .planner.cli import add_command as plan_command
 
     plan_command(sub)

@@ -211,7 +211,7 @@ class LoRAConfig:
 # The adapter a training run injects unless told otherwise.
 TRAIN_ADAPTER = LoRAConfig(rank=16, alpha=32.0)
 FULL = "full"  # method name of full fine-tuning: no adapter, every weight trains
-TASKS = ("auto", "lm", "classify", "sft", "seq-cls")
+TASKS = ("auto", "lm", "classify", "sft", "chat", "seq-cls")
 
 
 @dataclass(frozen=True)
@@ -237,10 +237,18 @@ class TrainConfig:
     )
     checkpointing: bool = opt(False, "activation checkpointing per transformer block")
     init_samples: int = opt(128, "init gradient_svd: training examples whose mean gradient it uses")
-    task: Literal["auto", "lm", "classify", "sft", "seq-cls"] = opt(
+    task: Literal["auto", "lm", "classify", "sft", "chat", "seq-cls"] = opt(
         "auto",
         "auto: labelled data -> classify (causal LM, label words) or seq-cls (encoder + head); "
-        "prompt/completion -> sft; text -> lm",
+        "prompt/completion -> sft; messages -> chat (assistant-only loss); text -> lm",
+    )
+    chat_template: str | None = opt(
+        None, "chat: a Jinja chat template file (default: the tokenizer's own)"
+    )
+    packing: bool = opt(
+        False,
+        "pack each micro-batch's examples into rows of max_len (best-fit decreasing); positions "
+        "restart and attention stays inside every example",
     )
     prompt: Literal["auto", "chat", "plain"] = opt(
         "auto", "classification prompt: chat template, short plain prompt, or chat if there is one"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -18,11 +19,20 @@ from .constants import IGNORE_INDEX as IGNORE
 from .fake import is_fake
 
 
-def _forward_logits(model: nn.Module, input_ids, attention_mask, keep: int) -> torch.Tensor:
+def _position_kwargs(attention_mask, position_ids) -> dict[str, Any]:
+    if position_ids is not None:  # packed rows: positions restart at every example, no cache
+        return {"position_ids": position_ids, "use_cache": False}
+    if attention_mask is not None:  # left padding: positions count real tokens only (GPT-2)
+        return {"position_ids": (attention_mask.cumsum(-1) - 1).clamp(min=0)}
+    return {}
+
+
+def _forward_logits(
+    model: nn.Module, input_ids, attention_mask, keep: int, position_ids=None
+) -> torch.Tensor:
     """Logits of the last ``keep`` positions (all positions if the model lacks logits_to_keep)."""
     kwargs = {"input_ids": input_ids, "attention_mask": attention_mask}
-    if attention_mask is not None:  # left padding: positions count real tokens only (GPT-2)
-        kwargs["position_ids"] = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    kwargs |= _position_kwargs(attention_mask, position_ids)
     if keep < input_ids.shape[1]:
         try:
             return model(**kwargs, logits_to_keep=keep).logits
@@ -46,17 +56,19 @@ def token_losses(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torc
     """Summed next-token cross-entropy over label positions, and how many there are.
 
     ``batch`` has input_ids, attention_mask and labels (-100 where no loss); labels are the
-    input ids themselves (the shift happens here).
+    input ids themselves (the shift happens here). A packed batch
+    (:func:`lorakit.data.packing.collate_packed`) has position_ids instead of attention_mask.
     """
     batch = to_device(batch, model)
     ids, mask, labels = batch["input_ids"], batch.get("attention_mask"), batch["labels"]
+    positions = batch.get("position_ids")
     if mask is not None and (is_fake(mask) or bool(mask.all())):
         # No padding: no mask. The model then attends causally without a (b, s, s) mask
         # tensor (kept for backward), and sdpa may take its flash kernel.
         mask = None
     inner = getattr(model, "module", model)  # under a DDP wrapper
     if hasattr(inner, "_lorakit_dense_forward"):  # reduce_activation_memory's chunked loss
-        kwargs = {} if mask is None else {"position_ids": (mask.cumsum(-1) - 1).clamp(min=0)}
+        kwargs = _position_kwargs(mask, positions)
         out = model(
             input_ids=ids, attention_mask=mask, labels=labels, num_items_in_batch=1, **kwargs
         )
@@ -64,7 +76,7 @@ def token_losses(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torc
     seq = ids.shape[1]
     first = _first_prediction(labels)
     keep = seq - first
-    logits = _forward_logits(model, ids, mask, keep)[:, :-1]  # (b, keep - 1, vocab)
+    logits = _forward_logits(model, ids, mask, keep, positions)[:, :-1]  # (b, keep - 1, vocab)
     targets = labels[:, first + 1 :]  # (b, keep - 1)
     loss = F.cross_entropy(
         logits.float().reshape(-1, logits.shape[-1]),

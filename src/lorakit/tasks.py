@@ -4,6 +4,7 @@ A task turns records (see :mod:`lorakit.data`) into token examples and a loss:
 
 - ``lm``: windows of ``max_len`` tokens, loss on every token, perplexity on validation windows;
 - ``sft``: prompt + completion, loss on the completion only;
+- ``chat``: conversations rendered with the chat template, loss on the assistant turns only;
 - ``classify``: a causal LM answers a prompt with a label word (loss on that word), accuracy;
 - ``seq-cls``: an encoder with a classification head (trained fully next to the adapter).
 """
@@ -71,6 +72,7 @@ class Prepared:
     train: list[dict[str, list[int]]]
     val_records: list[dict[str, Any]]
     val_blocks: torch.Tensor | None = None
+    val_examples: list[dict[str, list[int]]] | None = None  # sft / chat: validation loss
     template: str | None = None
     label_words: list[str] | None = None
 
@@ -90,6 +92,8 @@ def resolve_task(cfg: TrainConfig, first: dict[str, Any]) -> str:
         return cfg.task
     if "label" in first:
         return "classify" if is_causal_lm(cfg.model) else "seq-cls"
+    if "messages" in first:
+        return "chat"
     return "sft" if "prompt" in first else "lm"
 
 
@@ -134,8 +138,14 @@ def prepare_data(cfg: TrainConfig, tokenizer, task: str, train, val) -> Prepared
             train, tokenizer, cfg.max_len, template=template, label_words=words
         )
         return Prepared(task, examples, val, template=template, label_words=words)
-    if task == "sft":
-        return Prepared(task, data.encode_examples(train, tokenizer, cfg.max_len), val)
+    if task in ("sft", "chat"):
+
+        def encode(rs):
+            if task == "sft":
+                return data.encode_examples(rs, tokenizer, cfg.max_len)
+            return data.encode_chats(rs, tokenizer, cfg.max_len, cfg.chat_template)
+
+        return Prepared(task, encode(train), val, val_examples=encode(val) if val else None)
     blocks = data.lm_blocks(train, tokenizer, cfg.max_len)
     examples = [{"input_ids": b.tolist(), "labels": b.tolist()} for b in blocks]
     val_blocks = data.lm_blocks(val, tokenizer, cfg.max_len) if val else None
@@ -157,6 +167,57 @@ def collate(examples: list[dict[str, Any]], pad_id: int) -> dict[str, torch.Tens
     # A row's first token is predicted by nothing (a pad position, after left padding).
     labels, _ = left_pad([[IGNORE, *e["labels"][1:]] for e in examples], IGNORE)
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def make_batch(examples: list[dict[str, Any]], cfg: TrainConfig, pad_id: int):
+    """A micro-batch: packed rows with ``cfg.packing`` (token examples), else padded rows."""
+    if cfg.packing and "labels" in examples[0]:
+        from .data.packing import collate_packed
+
+        _check_examples(examples, pad_id)
+        return collate_packed(examples, cfg.max_len, pad_id)
+    return collate(examples, pad_id)
+
+
+@torch.no_grad()
+def check_packing(model: nn.Module) -> None:
+    """Refuse packing for a model whose attention crosses packed example boundaries: two short
+    random examples packed in one row must give the second the logits it has alone."""
+    from .evaluate import _forward_logits
+
+    attention = getattr(getattr(model, "config", None), "_attn_implementation", None)
+    name = f"{type(model).__name__} (attention {attention})"
+    if not hasattr(model, "get_input_embeddings"):
+        raise ValueError(
+            f"--packing needs a model that takes position_ids (a transformers causal LM); "
+            f"{name} is not one"
+        )
+    g = torch.Generator().manual_seed(0)
+    vocab = model.get_input_embeddings().num_embeddings
+    a, b = (
+        torch.randint(0, vocab, (1, 5), generator=g),
+        torch.randint(0, vocab, (1, 4), generator=g),
+    )
+    device = next(model.parameters()).device
+    row, b = torch.cat([a, b], 1).to(device), b.to(device)
+    positions = torch.cat([torch.arange(5), torch.arange(4)])[None].to(device)
+    was_training = model.training
+    model.eval()
+    try:
+        packed = _forward_logits(model, row, None, 9, positions)[:, 5:].float()
+        alone = _forward_logits(model, b, None, 4).float()
+    except TypeError as e:
+        raise ValueError(
+            f"--packing needs a model that takes position_ids; {name} does not ({e})"
+        ) from e
+    finally:
+        model.train(was_training)
+    if (packed - alone).abs().max() > 0.05 * alone.std() + 1e-3:
+        raise ValueError(
+            f"--packing: {name} attends across packed examples (its logits change when another "
+            "example precedes it in the row); pack a transformers causal LM with sdpa, eager or "
+            "flash attention, or train without --packing"
+        )
 
 
 def _check_examples(examples: list[dict[str, Any]], pad_id: int) -> None:
@@ -233,6 +294,12 @@ def evaluate(
             )
         )
         return {"accuracy": accuracy(preds, labels)}
+    if prep.val_examples and split_records is None:  # sft / chat: loss on the targets
+        examples = prep.val_examples[: cfg.eval_examples or None]
+        mine, real = split_evenly(examples, ctx)
+        total, count = example_nll(model, mine, real, pad_token_id(tokenizer)) if mine else (0, 0)
+        total, count = all_sum([total, count], ctx)
+        return {"loss": total / max(count, 1)}
     if prep.task == "lm" and prep.val_blocks is not None and split_records is None:
         blocks = list(prep.val_blocks[: cfg.eval_examples or None])
         mine, real = split_evenly(blocks, ctx)
@@ -256,3 +323,23 @@ def predict_classes(model, tokenizer, records, max_len: int, batch_size: int = 6
         preds.extend(model(**to_device(dict(enc), model)).logits.argmax(-1).tolist())
     model.train(was_training)
     return preds
+
+
+@torch.no_grad()
+def example_nll(
+    model: nn.Module, examples: list[dict[str, Any]], real: int, pad_id: int, batch_size: int = 8
+) -> tuple[float, int]:
+    """Summed loss over the targets of ``examples`` and their count; examples from index ``real``
+    on (distributed padding) run with no targets."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for i in range(0, len(examples), batch_size):
+        part = [
+            e if i + j < real else {**e, "labels": [IGNORE] * len(e["labels"])}
+            for j, e in enumerate(examples[i : i + batch_size])
+        ]
+        loss, n = token_losses(model, collate(part, pad_id))
+        total, count = total + float(loss), count + n
+    model.train(was_training)
+    return total, count

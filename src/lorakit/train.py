@@ -39,10 +39,12 @@ from .tasks import (
     HEADS,
     Prepared,
     batch_loss,
+    check_packing,
     collate,
     evaluate,
     label_names,
     load_splits,
+    make_batch,
     n_targets,
     pad_token_id,
     prepare_data,
@@ -192,6 +194,10 @@ def setup(
         model, tokenizer = _load(cfg, task, train_records)
     prep = prepare_data(cfg, tokenizer, task, train_records, val_records)
     _adapt(model, cfg, task, ctx)
+    if cfg.packing:
+        if task == "seq-cls":
+            raise ValueError("--packing packs causal-LM token examples; seq-cls rows are not")
+        check_packing(model)
     if cfg.adapter is not None and cfg.adapter.init == "gradient_svd" and checkpoint is None:
         _gradient_svd_init(model, cfg, prep, tokenizer)
     meta = load_weights(checkpoint, model, cfg) if checkpoint else None
@@ -247,16 +253,17 @@ def train_step(run: Run) -> dict[str, Any]:
     mine = dist.shard(batch, ctx)
     micro = cfg.micro_batch_size or cfg.batch_size // ctx.world
     pad = pad_token_id(run.tokenizer)
-    loss_sum, tokens = 0.0, 0
+    loss_sum, tokens, slots = 0.0, 0, 0
     for j in range(0, len(mine), micro):
-        mb = collate(mine[j : j + micro], pad)
+        mb = make_batch(mine[j : j + micro], cfg, pad)
         with dist.no_sync(run.model, skip=j + micro < len(mine)):
             loss = batch_loss(run.model, mb)
             # x world: DDP / FSDP average the ranks' gradients, the global loss is their sum.
             (loss * ctx.world / max(count, 1)).backward()
         loss_sum += loss.detach().item()
-        tokens += int(mb["attention_mask"].sum())
-    loss_sum, tokens = dist.all_sum([loss_sum, tokens], ctx)
+        tokens += sum(len(e["input_ids"]) for e in mine[j : j + micro])
+        slots += mb["input_ids"].numel()
+    loss_sum, tokens, slots = dist.all_sum([loss_sum, tokens, slots], ctx)
     run.tokens_seen += int(tokens)
     loss_value = loss_sum / max(count, 1)
     norm = dist.full(torch.nn.utils.clip_grad_norm_(run.params, cfg.max_grad_norm or math.inf))
@@ -272,6 +279,7 @@ def train_step(run: Run) -> dict[str, Any]:
         "lr": run.scheduler.get_last_lr()[0],
         "step_s": dt,
         "tok_per_s": sum(len(e["input_ids"]) for e in batch) / dt,
+        "padding": 1 - tokens / max(slots, 1),  # share of the computed positions that pad
     }
 
 

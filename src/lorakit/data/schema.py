@@ -1,18 +1,28 @@
-"""Records: the three forms a data set's rows take, validated one by one."""
+"""Records: the four forms a data set's rows take, validated one by one."""
 
 from __future__ import annotations
 
 from typing import Any
+
+from .chat import check_messages
 
 Record = dict[str, Any]
 SPLITS = ("train", "validation", "test")
 
 
 def validate_record(obj: Any, where: str) -> tuple[Record, str]:
-    """Check one record; return it (only the known keys) and its form: text, labelled or sft."""
+    """Check one record; return it (only the known keys) and its form: text, labelled, sft or
+    chat (``messages``, or TRL's conversational prompt / completion lists of messages)."""
     if not isinstance(obj, dict):
         raise ValueError(f"{where}: expected an object, got {type(obj).__name__}")
+    if "messages" in obj:
+        return {"messages": check_messages(obj["messages"], where)}, "chat"
     has_sft = "prompt" in obj or "completion" in obj
+    if has_sft and isinstance(obj.get("prompt"), list) and isinstance(obj.get("completion"), list):
+        # TRL's conversational prompt / completion: loss on the completion's assistant turns.
+        prompt = check_messages(obj["prompt"], f"{where} (prompt)")
+        completion = check_messages(obj["completion"], f"{where} (completion)")
+        return {"messages": prompt + completion, "prompt_turns": len(prompt)}, "chat"
     if has_sft and "text" in obj:
         raise ValueError(
             f"{where}: has both 'text' and 'prompt'/'completion'; use one form per record"
@@ -50,7 +60,12 @@ def validate_record(obj: Any, where: str) -> tuple[Record, str]:
     return {"text": obj["text"], "label": label}, "labelled"
 
 
-FORM_NAMES = {"text": "text", "labelled": "text/label", "sft": "prompt/completion"}
+FORM_NAMES = {
+    "text": "text",
+    "labelled": "text/label",
+    "sft": "prompt/completion",
+    "chat": "messages",
+}
 
 
 class FormCheck:
