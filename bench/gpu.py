@@ -69,6 +69,16 @@ CASES = [
     ),
 ]
 
+# float32 after the planner learned CUDA's attention fallback (math kernel for GQA heads):
+# a GQA shape and one with as many key/value heads as query heads (memory-efficient kernel).
+FP32 = [
+    ("LoRA", SMALL | {"method": "lora", "dtype": "float32"}),
+    ("LoRA-FA + reduce", SMALL | {"method": "lora_fa", "reduce_memory": True, "dtype": "float32"}),
+    ("LoRA", {"model": "llama-2-7b", "batch_size": 1, "max_len": 1024, "dtype": "float32"}),
+]
+if os.environ.get("PART") == "fp32":
+    CASES = FP32 if not QUICK else [(n, f | SMALL | {"dtype": "float32"}) for n, f in FP32[:1]]
+
 
 def random_model(cfg: TrainConfig) -> torch.nn.Module:
     from transformers import AutoModelForCausalLM
@@ -215,6 +225,9 @@ def qlora_row(name, model, ids, steps, ref) -> tuple[str, int, float]:
 def main() -> None:
     steps = 2 if QUICK else int(os.environ.get("STEPS", 10))
     head = f"`python bench/gpu.py` on {machine()}"
+    if os.environ.get("PART") == "fp32":
+        write("gpu_plan_fp32.md", "\n".join([head, "", *plan_table(), ""]))
+        return
     write(
         "gpu_plan.md",
         "\n".join(
