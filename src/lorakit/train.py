@@ -33,6 +33,7 @@ from .config import DTYPES, TrainConfig
 from .distributed import Context
 from .hardware import peak_memory_mib
 from .inject import count_parameters, inject
+from .metrics import append_metric, plot_losses, read_metrics, write_metrics_csv
 from .models import quantize
 from .quant import is_quantized
 from .tasks import (
@@ -216,7 +217,7 @@ def setup(
     if ctx.is_main:
         run.out.mkdir(parents=True, exist_ok=True)
         _write_config(cfg, run.out)
-        run.rows = _read_metrics(run.out / "metrics.jsonl", up_to=run.step)
+        run.rows = read_metrics(run.out / "metrics.jsonl", up_to=run.step)
     return run
 
 
@@ -332,7 +333,7 @@ def train(
             row.update({f"val_{k}": v for k, v in _evaluate(run).items()})
         run.rows.append(row)
         if run.ctx.is_main:
-            _append_metric(run.out / "metrics.jsonl", row)
+            append_metric(run.out / "metrics.jsonl", row)
         bar.set_postfix(
             loss=f"{row['loss']:.4f}",
             tok_s=f"{row['tok_per_s']:.0f}",
@@ -370,7 +371,7 @@ def finish(run: Run, elapsed: float) -> dict[str, Any]:
         summary["world_size"], summary["strategy"] = ctx.world, cfg.strategy
     if ctx.is_main:
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
-        _write_metrics_csv(out / "metrics.csv", run.rows)
+        write_metrics_csv(out / "metrics.csv", run.rows)
         plot_losses(run.rows, out / "loss.png", title=f"{cfg.method} on {cfg.data}")
     dist.barrier(ctx)  # no rank returns (and reads outputs) before rank 0 has written them
     return {
@@ -399,59 +400,3 @@ def _save_result(model, tokenizer, cfg: TrainConfig, out: Path, ctx: Context) ->
         model.save_pretrained(out / "model")
     if ctx.is_main:
         tokenizer.save_pretrained(out / "model")
-
-
-def _read_metrics(file: Path, up_to: int) -> list[dict[str, Any]]:
-    if not file.exists():
-        return []
-    rows = [json.loads(line) for line in file.read_text().splitlines() if line.strip()]
-    rows = [r for r in rows if r["step"] <= up_to]
-    file.write_text("".join(json.dumps(r) + "\n" for r in rows))  # drop steps after the checkpoint
-    return rows
-
-
-def _append_metric(file: Path, row: dict[str, Any]) -> None:
-    with file.open("a") as f:
-        f.write(json.dumps(row) + "\n")
-
-
-def _write_metrics_csv(file: Path, rows: list[dict[str, Any]]) -> None:
-    import csv
-
-    keys = sorted({k for r in rows for k in r}, key=lambda k: (k != "step", k))
-    with file.open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=keys)
-        w.writeheader()
-        w.writerows(rows)
-
-
-def plot_losses(rows: list[dict[str, Any]], file: Path, title: str = "") -> Path | None:
-    """Training loss per step (and any validation metric) as a PNG."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
-    if not rows:
-        return None
-    fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], label="train loss", lw=1)
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    evals = [(r["step"], k, v) for r in rows for k, v in r.items() if k.startswith("val_")]
-    if evals:
-        ax2 = ax.twinx()
-        for key in sorted({k for _, k, _ in evals}):
-            pts = [(s, v) for s, k, v in evals if k == key]
-            ax2.plot(*zip(*pts, strict=True), "o-", color="tab:orange", label=key)
-        ax2.set_ylabel("validation")
-        ax2.legend(loc="upper right")
-    ax.legend(loc="upper left")
-    fig.tight_layout()
-    fig.savefig(file, dpi=120)
-    plt.close(fig)
-    return file
