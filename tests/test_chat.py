@@ -298,3 +298,15 @@ def test_generate_bad_input(tiny, capsys):
     assert "give --prompt TEXT, or --interactive" in capsys.readouterr().err
     assert main(["generate", "--model", str(tiny), "--prompt", "hi", "--top-p", "0"]) == 2
     assert "top_p in (0, 1]" in capsys.readouterr().err
+
+
+def test_eval_reports_the_assistant_token_loss(tiny, tok, tmp_path, capsys):
+    from lorakit.cli import main
+
+    data = tmp_path / "chat.jsonl"
+    data.write_text(json.dumps({"messages": CHAT}) + "\n")
+    assert main(["eval", "--model", str(tiny), "--data", str(data), "--max-len", "128"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    want = encode_conversation(tok, tok.chat_template, CHAT)["labels"]
+    assert out["assistant_tokens"] == sum(y != IGNORE_INDEX for y in want) == 13
+    assert out["loss"] > 0

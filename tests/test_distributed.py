@@ -102,6 +102,27 @@ def test_ddp_and_fsdp_equal_one_process(setup, tmp_path, method):
         ]  # fmt: skip
 
 
+def test_packed_ddp_and_fsdp_equal_one_padded_process(setup, tmp_path):
+    """Packing changes no gradient: packed micro-batches of 2 on each of 2 ranks train the
+    adapter one process trains on the same examples padded (the loss is normalised over the
+    global batch's targets either way)."""
+    model, data = setup
+    wide = ["--max-len", "256", "--micro-batch-size", "2"]  # rows that hold two examples
+    single = tmp_path / "single"
+    cfg = {"model": str(model), "data": str(data), "val_data": str(data), "method": "lora"}
+    cfg |= {"rank": 4, "alpha": 8, "batch_size": 4, "micro_batch_size": 2, "lr": 5e-3}
+    cfg |= {"max_len": 256, "save_every": 0, "progress": False, "eval_examples": 7}
+    train(TrainConfig.from_flat(cfg | {"max_steps": 4, "output": str(single)}))
+    ref = _adapter(single)
+    for strategy in ("ddp", "fsdp"):
+        out = tmp_path / strategy
+        run = _torchrun([*_args(setup, "lora", out), *wide, "--packing", "--strategy", strategy])
+        assert run.returncode == 0, run.stderr[-3000:]
+        assert _max_diff(_adapter(out), ref) <= 1e-5, strategy
+        rows = [json.loads(r) for r in (out / "metrics.jsonl").read_text().splitlines()]
+        assert all(r["padding"] < 0.5 for r in rows)  # two examples share a row
+
+
 @pytest.mark.parametrize("method", ["lora_fa", "lors"])
 def test_ddp_on_a_4bit_base_equals_one_process(setup, tmp_path, method):
     pytest.importorskip("bitsandbytes")

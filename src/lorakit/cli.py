@@ -150,6 +150,13 @@ def cmd_eval(a: argparse.Namespace) -> int:
             model, tok, [template.replace("{text}", r["text"]) for r in records], words
         )
         result["accuracy"] = accuracy(preds, labels)
+    elif "messages" in records[0]:  # conversations: loss on the assistant tokens
+        from .tasks import example_nll, pad_token_id
+
+        examples = data.encode_chats(records, tok, a.max_len, a.chat_template)
+        total, count = example_nll(model, examples, len(examples), pad_token_id(tok))
+        result["loss"] = total / max(count, 1)
+        result["assistant_tokens"] = count
     else:
         result["perplexity"] = perplexity(model, data.lm_blocks(records, tok, a.max_len))
     result["examples"] = len(records)
@@ -289,7 +296,7 @@ def _train_command(sub) -> None:
 def _eval_command(sub) -> None:
     p = sub.add_parser(
         "eval",
-        help="accuracy (labelled data) or perplexity (text)",
+        help="accuracy (labelled data), assistant-token loss (conversations) or perplexity (text)",
         description="Evaluate a model, optionally with an adapter: label-word accuracy on labelled data, else perplexity.",
     )
     _common(p)
@@ -309,6 +316,7 @@ def _eval_command(sub) -> None:
         choices=["auto", "chat", "plain"],
         help="classification prompt style (use the one the adapter was trained with)",
     )
+    p.add_argument("--chat-template", default=None, help="conversations: a Jinja template file")
     p.set_defaults(func=cmd_eval)
 
 
