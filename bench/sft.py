@@ -117,40 +117,46 @@ def trl_row(name: str, packing: bool, base, tok, records, train_ex, val_ex) -> d
 
     tok_trl = _copy(tok)
     tok_trl.chat_template = MARKED
+
+    def build(rows: int):
+        args = SFTConfig(
+            output_dir=str(Path("/tmp") / f"lorakit-bench-trl-{packing}"),
+            max_length=MAX_LEN,
+            packing=packing,
+            assistant_only_loss=True,
+            per_device_train_batch_size=rows,
+            num_train_epochs=1,
+            learning_rate=LR,
+            lr_scheduler_type="constant",
+            warmup_steps=0,
+            weight_decay=0.0,
+            max_grad_norm=1.0,
+            gradient_checkpointing=False,  # TRL's default is on; every row here runs without it
+            logging_steps=10**6,
+            save_strategy="no",
+            report_to=[],
+            seed=0,
+            dataloader_num_workers=0,
+            use_cpu=not torch.cuda.is_available(),
+            bf16=False,
+            disable_tqdm=True,
+        )
+        return SFTTrainer(
+            model=_copy(base),
+            args=args,
+            train_dataset=Dataset.from_list(records),
+            processing_class=tok_trl,
+            peft_config=LoraConfig(
+                r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear"
+            ),
+            callbacks=[Clock()],
+        )
+
+    trainer = build(BATCH)
     rows = BATCH
-    if packing:  # as many packed rows per step as give STEPS steps
-        total = sum(len(e["input_ids"]) for e in train_ex)
-        rows = max(1, round(total / MAX_LEN / STEPS))
-    args = SFTConfig(
-        output_dir=str(Path("/tmp") / f"lorakit-bench-trl-{packing}"),
-        max_length=MAX_LEN,
-        packing=packing,
-        assistant_only_loss=True,
-        per_device_train_batch_size=rows,
-        num_train_epochs=1,
-        learning_rate=LR,
-        lr_scheduler_type="constant",
-        warmup_steps=0,
-        weight_decay=0.0,
-        max_grad_norm=1.0,
-        gradient_checkpointing=False,  # TRL's default is on; every row here runs without it
-        logging_steps=10**6,
-        save_strategy="no",
-        report_to=[],
-        seed=0,
-        dataloader_num_workers=0,
-        use_cpu=not torch.cuda.is_available(),
-        bf16=False,
-        disable_tqdm=True,
-    )
-    trainer = SFTTrainer(
-        model=_copy(base),
-        args=args,
-        train_dataset=Dataset.from_list(records),
-        processing_class=tok_trl,
-        peft_config=LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear"),
-        callbacks=[Clock()],
-    )
+    if packing:  # as many packed rows per step as give the same STEPS steps
+        rows = -(-len(trainer.train_dataset) // STEPS)
+        trainer = build(rows)
     collate = trainer.data_collator
 
     def counting(features):
