@@ -237,6 +237,15 @@ def test_packing_refused_for_a_model_without_positions():
         check_packing(model)
 
 
+def test_packing_refused_for_a_model_that_attends_across():
+    """A model that drops position_ids sees one causal row: the probe catches it by name."""
+    model = build("llama")
+    forward = model.forward
+    model.forward = lambda *a, position_ids=None, **k: forward(*a, **k)
+    with pytest.raises(ValueError, match="LlamaForCausalLM .* attends across packed examples"):
+        check_packing(model)
+
+
 def test_train_chat_packed_matches_padded_loss(tiny, tmp_path):
     """The same conversations, packed or padded, give the same first-step loss (normalised over
     the global batch's targets, with accumulation)."""
