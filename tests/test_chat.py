@@ -209,7 +209,7 @@ def test_packed_loss_and_gradients_equal_unpacked(method, reduce):
 def test_packed_examples_never_attend_across(ids):
     """Each packed example's logits equal its logits alone: with attention crossing a boundary
     (the same row without position_ids restarting) they do not."""
-    from lorakit.evaluate import _forward_logits
+    from lorakit.evaluate import forward_logits
 
     model = build("llama", torch.float64)
     exs = examples(1, 3)
@@ -217,13 +217,13 @@ def test_packed_examples_never_attend_across(ids):
     assert packed["input_ids"].shape[0] == 1
     row, pos = packed["input_ids"], packed["position_ids"]
     with torch.no_grad():
-        out = _forward_logits(model, row, None, row.shape[1], pos)
-        crossing = _forward_logits(model, row, None, row.shape[1])
+        out = forward_logits(model, row, None, row.shape[1], pos)
+        crossing = forward_logits(model, row, None, row.shape[1])
         at = 0
         (order,) = best_fit_decreasing([len(e["input_ids"]) for e in exs], 64)
         for e in (exs[i] for i in order):  # the row holds them longest first
             n = len(e["input_ids"])
-            alone = _forward_logits(model, torch.tensor([e["input_ids"]]), None, n)
+            alone = forward_logits(model, torch.tensor([e["input_ids"]]), None, n)
             torch.testing.assert_close(out[:, at : at + n], alone)
             if at:
                 assert not torch.allclose(crossing[:, at : at + n], alone, atol=1e-3)

@@ -27,7 +27,7 @@ def _position_kwargs(attention_mask, position_ids) -> dict[str, Any]:
     return {}
 
 
-def _forward_logits(
+def forward_logits(
     model: nn.Module, input_ids, attention_mask, keep: int, position_ids=None
 ) -> torch.Tensor:
     """Logits of the last ``keep`` positions (all positions if the model lacks logits_to_keep)."""
@@ -76,7 +76,7 @@ def token_losses(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torc
     seq = ids.shape[1]
     first = _first_prediction(labels)
     keep = seq - first
-    logits = _forward_logits(model, ids, mask, keep, positions)[:, :-1]  # (b, keep - 1, vocab)
+    logits = forward_logits(model, ids, mask, keep, positions)[:, :-1]  # (b, keep - 1, vocab)
     targets = labels[:, first + 1 :]  # (b, keep - 1)
     loss = F.cross_entropy(
         logits.float().reshape(-1, logits.shape[-1]),

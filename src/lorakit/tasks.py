@@ -183,7 +183,7 @@ def make_batch(examples: list[dict[str, Any]], cfg: TrainConfig, pad_id: int):
 def check_packing(model: nn.Module) -> None:
     """Refuse packing for a model whose attention crosses packed example boundaries: two short
     random examples packed in one row must give the second the logits it has alone."""
-    from .evaluate import _forward_logits
+    from .evaluate import forward_logits
 
     attention = getattr(getattr(model, "config", None), "_attn_implementation", None)
     name = f"{type(model).__name__} (attention {attention})"
@@ -204,8 +204,8 @@ def check_packing(model: nn.Module) -> None:
     was_training = model.training
     model.eval()
     try:
-        packed = _forward_logits(model, row, None, 9, positions)[:, 5:].float()
-        alone = _forward_logits(model, b, None, 4).float()
+        packed = forward_logits(model, row, None, 9, positions)[:, 5:].float()
+        alone = forward_logits(model, b, None, 4).float()
     except TypeError as e:
         raise ValueError(
             f"--packing needs a model that takes position_ids; {name} does not ({e})"
