@@ -4,11 +4,13 @@ Rows: full fine-tuning, PEFT LoRA, PEFT LoRA-FA (`create_lorafa_optimizer`: A fr
 lorakit LoRA and LoRA-FA, each with and without `reduce_activation_memory` (its defaults; the MLP
 recomputes gate/up in backward), plus LoRA-FA + reduce with `mlp="elementwise"` (no GEMM
 recomputed) and with HF activation checkpointing on top. r=16, alpha=32, all 7
-projections, batch 1. Saved = unique storages autograd keeps for backward, parameters/buffers
+projections, batch 1. Adapters are each library's default dtype: fp32 on the bf16 base too (fp32
+master weights, grads and AdamW states; PEFT's autocast_adapter_dtype, lorakit's
+adapter_dtype=None). Saved = unique storages autograd keeps for backward, parameters/buffers
 excluded. Total = weights + trainable params' grads + AdamW states (2 per trainable) + saved.
 Step time (forward + backward + AdamW, median of timed steps after one warm-up, round-robin) is
-measured at seq 512 in fp32; other settings report memory only (a bf16 step of this model takes
-~90 s on the 2-core CPU here). A single LLaMA-7B-shaped decoder block (d=4096, d_ff=11008) shows
+measured at seq 512 in fp32; other settings report memory only (a bf16 step of this model took
+~90 s on a 2-core CPU without bf16 units). A single LLaMA-7B-shaped decoder block (d=4096, d_ff=11008) shows
 the scaling the LoRA-FA paper targets.
 
     .venv/bin/python bench/memory.py      # SEQS=512,1024,2048 BF16_SEQS=512 STEPS=3 to change

@@ -151,10 +151,13 @@ def test_bf16_model_trains_with_bf16_units(cpu, method):
                     p[torch.rand(p.shape) < 0.5] = 0
     model = lk.inject(base, lk.LoRAConfig(method=method, rank=4))
     ids = torch.randint(0, 128, (2, 12))
-    model(input_ids=ids, labels=ids).loss.backward()
+    out = model(input_ids=ids, labels=ids)
+    assert out.logits.dtype == BF16  # the model computes in bf16 ...
+    out.loss.backward()
     grads = [p.grad for p in model.parameters() if p.requires_grad]
+    # ... and its default adapters are fp32 master weights with fp32 gradients.
     assert grads and all(
-        g is not None and g.dtype == BF16 and torch.isfinite(g).all() for g in grads
+        g is not None and g.dtype == FP32 and torch.isfinite(g).all() for g in grads
     )
 
 

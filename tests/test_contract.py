@@ -198,15 +198,18 @@ def test_rslora_scaling():
     assert lk.LoRAConfig(rank=16, alpha=32).scaling == pytest.approx(2.0)
 
 
-def test_adapter_dtype_follows_base_unless_asked():
+def test_adapter_dtype_fp32_on_16bit_bases_unless_asked():
+    def dtypes(model):
+        return {
+            p.dtype for _, layer in lk.adapted_layers(model) for p in layer.adapters.parameters()
+        }
+
+    _, model = _injected("llama", dtype=torch.float64)
+    assert dtypes(model) == {torch.float64}
+    _, model = _injected("llama", dtype=torch.bfloat16, adapter_dtype="bfloat16")
+    assert dtypes(model) == {torch.bfloat16}
     _, model = _injected("llama", dtype=torch.bfloat16)
-    assert {
-        p.dtype for _, layer in lk.adapted_layers(model) for p in layer.adapters.parameters()
-    } == {torch.bfloat16}
-    _, model = _injected("llama", dtype=torch.bfloat16, adapter_dtype="float32")
-    assert {
-        p.dtype for _, layer in lk.adapted_layers(model) for p in layer.adapters.parameters()
-    } == {torch.float32}
+    assert dtypes(model) == {torch.float32}
     ids = torch.randint(0, 64, (1, 8))
     model.train()
     logits(model, ids).float().mean().backward()

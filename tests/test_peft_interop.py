@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 from conftest import MODELS, build, logits, perturb, targets_for
+from safetensors.torch import load_file
 
 import lorakit as lk
 
@@ -153,3 +154,54 @@ def test_modules_to_save_both_ways(ids, tmp_path):
     theirs.save_pretrained(tmp_path / "theirs")
     ours2 = lk.load_adapter(_bert_cls(), tmp_path / "theirs")
     torch.testing.assert_close(logits(ours2, ids), expected, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_default_adapter_dtype_is_peft_s(dtype, tmp_path):
+    """lorakit's default adapter dtype is PEFT's on every base dtype (fp32 master weights on a
+    16-bit base: its autocast_adapter_dtype), and both write it to disk as it is."""
+    cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+    theirs = peft.get_peft_model(build("llama", dtype), cfg)
+    ours = lk.inject(build("llama", dtype), lk.LoRAConfig(rank=4, targets=["q_proj", "v_proj"]))
+    peft_dtypes = {p.dtype for n, p in theirs.named_parameters() if "lora_" in n}
+    assert {p.dtype for p in ours.parameters() if p.requires_grad} == peft_dtypes
+    theirs.save_pretrained(tmp_path / "theirs")
+    lk.save_adapter(ours, tmp_path / "ours")
+    for folder in ("theirs", "ours"):
+        tensors = load_file(tmp_path / folder / "adapter_model.safetensors")
+        assert {t.dtype for t in tensors.values()} == peft_dtypes
+
+
+def test_cli_bf16_training_writes_fp32_adapters_peft_loads(tiny, tmp_path):
+    """`lorakit train --dtype bfloat16` trains fp32 adapters and saves them as PEFT would; PEFT
+    loads them onto the bf16 base and computes what lorakit computes (up to bf16 rounding of the
+    base layers' outputs, far below what the adapter changes)."""
+    from transformers import AutoModelForCausalLM
+
+    from lorakit.cli import main
+
+    data = tmp_path / "text.txt"
+    data.write_text("to be or not to be, that is the question. " * 200)
+    out = tmp_path / "run"
+    args = ["train", "--model", str(tiny), "--data", str(data), "--dtype", "bfloat16"]
+    args += ["--rank", "4", "--max-steps", "3", "--batch-size", "4", "--max-len", "32"]
+    assert main([*args, "--lr", "1e-2", "--output", str(out), "--no-progress"]) == 0
+    adapter = out / "adapter"
+    tensors = load_file(adapter / "adapter_model.safetensors")
+    assert tensors and {t.dtype for t in tensors.values()} == {torch.float32}
+
+    def base():
+        return AutoModelForCausalLM.from_pretrained(tiny, dtype=torch.bfloat16).eval()
+
+    ours = lk.load_adapter(base(), adapter)
+    theirs = peft.PeftModel.from_pretrained(base(), adapter).eval()
+    assert {p.dtype for n, p in theirs.named_parameters() if "lora_" in n} == {torch.float32}
+    assert {
+        t.dtype for _, layer in lk.adapted_layers(ours) for t in layer.adapters.parameters()
+    } == {torch.float32}
+    ids = torch.randint(0, 1000, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        got, want, plain = (logits(m, ids).float() for m in (ours, theirs, base()))
+    tol = 4 * 2**-8 * want.abs().max()  # a few bf16 roundings of the logits' scale
+    assert (got - want).abs().max() <= tol
+    assert (want - plain).abs().max() > 10 * tol  # the adapter trained to something visible

@@ -356,3 +356,37 @@ def test_cli_refuses_what_a_4bit_base_cannot_do(tiny, tmp_path, capsys, extra, m
     data.write_text("to be or not to be " * 100)
     assert _train(tiny, data, tmp_path / "run", *extra) == 2
     assert re.search(match, capsys.readouterr().err)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_default_adapter_dtype_is_peft_qlora_s(tiny, dtype):
+    """On a 4-bit base the adapters follow the dtype the weights had before quantization: fp32
+    on a bf16 or fp32 model, as PEFT's QLoRA keeps them; an explicit dtype still wins."""
+    peft = pytest.importorskip("peft")
+
+    def adapter_dtypes(model):
+        return {
+            t.dtype for _, layer in lk.adapted_layers(model) for t in layer.adapters.parameters()
+        }
+
+    model, _ = lk.load_model(tiny, quantize="nf4", dtype=dtype)
+    assert quant.dense_dtype(model.model.layers[0].self_attn.q_proj.weight) == dtype
+    ours = lk.inject(model, lk.LoRAConfig(rank=4))
+    cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear")
+    theirs = peft.get_peft_model(lk.load_model(tiny, quantize="nf4", dtype=dtype)[0], cfg)
+    assert adapter_dtypes(ours) == {p.dtype for n, p in theirs.named_parameters() if "lora_" in n}
+    assert adapter_dtypes(ours) == {torch.float32}
+    # A model quantized in memory (lk.quantize) the same; trained, its gradients are fp32.
+    torch.manual_seed(0)
+    mem = lk.quantize(tiny_llama(hidden_size=64, intermediate_size=128).to(dtype))
+    lk.inject(mem, lk.LoRAConfig(rank=4))
+    assert adapter_dtypes(mem) == {torch.float32}
+    ids = torch.randint(0, 128, (2, 8))
+    mem.train()
+    mem(input_ids=ids, labels=ids).loss.backward()
+    grads = [p.grad for p in mem.parameters() if p.requires_grad]
+    assert grads and all(g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads)
+    explicit = lk.inject(
+        lk.quantize(tiny_llama(64, 128).to(dtype)), lk.LoRAConfig(rank=4, adapter_dtype="bfloat16")
+    )
+    assert adapter_dtypes(explicit) == {torch.bfloat16}

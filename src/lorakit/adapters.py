@@ -5,9 +5,10 @@ A directory with ``adapter_config.json`` and ``adapter_model.safetensors`` whose
 ``.lora_embedding_A`` / ``.lora_embedding_B`` for embeddings. PEFT's ``PeftModel.from_pretrained``
 loads what we write; :func:`load_adapter` loads what PEFT's ``save_pretrained`` writes.
 
-lorakit-specific facts (the method) go into the safetensors header metadata, which PEFT ignores,
-so the JSON stays PEFT's schema; a method PEFT cannot compute (LoRS) is written with its own
-``peft_type`` so PEFT refuses it. Reading and checking the files is :mod:`lorakit.peft_format`.
+lorakit-specific facts (the method, an explicit ``adapter_dtype``) go into the safetensors
+header metadata, which PEFT ignores, so the JSON stays PEFT's schema; a method PEFT cannot
+compute (LoRS) is written with its own ``peft_type`` so PEFT refuses it. Reading and checking the
+files is :mod:`lorakit.peft_format`.
 """
 
 from __future__ import annotations
@@ -148,6 +149,9 @@ def adapter_payload(
     metadata = {"format": "pt", "lorakit_method": first.method, "lorakit_init": first.init}
     if first.grad_correction:
         metadata["lorakit_grad_correction"] = "true"
+    # Tensors are written in the adapter's dtype (fp32 on a 16-bit base by default, as PEFT
+    # writes them). Only an explicit adapter_dtype is recorded: without it, loading applies the
+    # default to the base it is loaded into, as PEFT's loader does.
     if first.adapter_dtype:
         metadata["lorakit_adapter_dtype"] = first.adapter_dtype
     if first.method == "lors":
@@ -290,6 +294,9 @@ def load_adapter(
     """Load an adapter saved by lorakit or by PEFT into ``model``, in place.
 
     Every check runs before the model is touched: a mismatched file leaves the model as it was.
+    The adapter's tensors get the ``adapter_dtype`` lorakit recorded when it was chosen
+    explicitly, else the default for this base (float32 on a 16-bit base), whatever dtype the
+    file holds (PEFT's loader also upcasts).
 
     Args:
         model: the base model (or a model that already has other adapters).

@@ -215,8 +215,9 @@ def add_adapter(
             m.shared_weight = users[id(m.weight)] > 1
             _replace(model, p, m)
         cfg = per_path[p]
-        w = dense_dtype(m.weight)
-        dtype = cfg.dtype or (w if w.is_floating_point else torch.float32)
+        # A 4-bit weight counts as the dtype it had before quantization: a bf16 QLoRA base gets
+        # fp32 adapters, as PEFT's QLoRA does.
+        dtype = cfg.dtype_for(dense_dtype(m.weight))
         m.adapters[name] = adapter_class(cfg.method)(m, cfg, dtype=dtype)
 
 
@@ -224,7 +225,9 @@ def inject(model: nn.Module, config: LoRAConfig, name: str = "default") -> nn.Mo
     """Add a low-rank adapter to the layers ``config.targets`` selects, in place.
 
     The new adapter becomes the active one; every other parameter of the model (base weights and
-    other adapters) is frozen. Call again with another ``name`` to add more adapters.
+    other adapters) is frozen. Call again with another ``name`` to add more adapters. The
+    adapter's tensors are float32 on a 16-bit base unless ``config.adapter_dtype`` says
+    otherwise (fp32 master weights; :meth:`LoRAConfig.dtype_for`), the base's dtype on others.
 
     Args:
         model: any ``nn.Module`` (Hugging Face models included).

@@ -108,7 +108,9 @@ class AdaptedLayer(nn.Module):
 
     # -- merge -----------------------------------------------------------------------------
     def delta_weight(self, name: str) -> torch.Tensor:
-        """Adapter ``name``'s ΔW in the layout and dtype of ``self.weight``."""
+        """Adapter ``name``'s ΔW in the layout and dtype of ``self.weight``: computed in the
+        adapter's dtype (fp32 by default on a 16-bit base), rounded once to the weight's, so a
+        merged model keeps the base's dtype."""
         delta = self.adapters[name].delta_weight(self)  # (out, in)
         return (delta.t() if self.fan_in_fan_out else delta).to(self.weight.dtype)
 

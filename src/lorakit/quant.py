@@ -18,7 +18,9 @@ a trainable base weight and full fine-tuning are refused on such layers.
 Compute dtype: lorakit computes a 4-bit layer like any other (x's dtype, or autocast's; on CPUs
 without 16-bit units, float32 for 16-bit inputs); ``bnb_4bit_compute_dtype`` applies to
 bitsandbytes' own layers (layers without an active adapter). :func:`bnb_config` sets it to the
-model's dtype, so both agree.
+model's dtype, so both agree. Adapters follow ``LoRAConfig.adapter_dtype``'s default applied to
+the dtype the weight had before quantization (:func:`dense_dtype`): float32 on a 16-bit or a
+float32 model, as PEFT's QLoRA keeps them.
 
 8-bit (``load_in_8bit``, LLM.int8) is refused: bitsandbytes' 8-bit matmul quantizes the
 *activations* too, per row with fp16 outlier columns, which lorakit's dequantize-then-GEMM layers

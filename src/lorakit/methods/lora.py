@@ -7,9 +7,10 @@ is kept: A (r, num_embeddings) is zero and B (dim, r) Gaussian, ``y = W[ids] + s
 A linear layer with its adapter is one autograd Function (:class:`LoRAFunction`) that keeps only
 the layer input x for backward (its storage is shared by layers reading the same input, e.g.
 q/k/v) and recomputes H = x Aᵀ there; PEFT keeps x and H, plus an fp32 copy of x for 16-bit
-models. Adapter weights are cast to the compute dtype (a tiny r·d cast) rather than casting x, and
-the low-rank product is added into the base output in place. With dropout the layer falls back to
-plain autograd (which also keeps the dropped input).
+models. Adapter weights (fp32 master weights by default on a 16-bit base) are cast to the compute
+dtype (a tiny r·d cast) rather than casting x, and the low-rank product is added into the base
+output in place. With dropout the layer falls back to plain autograd (which also keeps the
+dropped input, and 16-bit casts of fp32 A and B: r·(in + out) numbers).
 """
 
 from __future__ import annotations
@@ -113,6 +114,9 @@ class LoRAFunction(torch.autograd.Function):
               A 4-bit W (:mod:`lorakit.quant`) is dequantized in forward and again for dx.
     dtypes:   computes in :func:`layer_dtypes`' compute dtype (on CPUs without 16-bit units,
               fp32 for 16-bit inputs, transiently), returns the output dtype (autocast's).
+              A and B may be wider than x (fp32 on a bf16 base): they are cast to the compute
+              dtype (r·(in + out) elements, transient), x never to theirs; dA and dB come back
+              in A's and B's dtypes.
     A base weight/bias that requires grad gets dW = Gᵀ x and db = Σ G as plain linear layers do.
     """
 

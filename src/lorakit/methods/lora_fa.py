@@ -51,7 +51,8 @@ class LoRAFAFunction(torch.autograd.Function):
     backward: dB = s·Gᵀ H (out, r);  dx = G W + M ⊙ (s·G B) A (N, in)
     saves:    H in the output dtype (2·N·r bytes in bf16), the RNG state if dropout is on (M is
               redrawn in backward), and W, A, B (parameters/buffers). Never x.
-    Computes like :class:`~lorakit.methods.lora.LoRAFunction` (:func:`layer_dtypes`; autocast).
+    Computes like :class:`~lorakit.methods.lora.LoRAFunction` (:func:`layer_dtypes`; autocast;
+    fp32 A and B on a 16-bit x are cast to the compute dtype; H is saved in the output dtype).
     The base weight must be frozen: without x there is no dW.
     """
 

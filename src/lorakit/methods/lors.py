@@ -72,6 +72,9 @@ class LoRSFunction(torch.autograd.Function):
     forward:  W' built transiently; y = x W'ᵀ + b.
     backward: dx = G W' (W' rebuilt); adapter grads per ``exact`` (masked, tiled) or
               straight-through (unmasked, low-rank order), see the module docstring.
+    dtypes:   W' and the GEMMs in :func:`~lorakit.methods.lora.layer_dtypes`' compute dtype;
+              fp32 A and B on a 16-bit base are cast to it (transiently); dA and dB come back in
+              A's and B's dtypes.
     """
 
     @staticmethod
