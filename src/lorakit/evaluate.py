@@ -7,8 +7,9 @@ those K positions alone (``logits_to_keep``); the loss is the same, the (tokens 
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -67,24 +68,81 @@ def token_losses(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torc
         # tensor (kept for backward), and sdpa may take its flash kernel.
         mask = None
     inner = getattr(model, "module", model)  # under a DDP wrapper
+    # Counted before the forward: its (b, s) temporary is then not live at the forward's peak.
     if hasattr(inner, "_lorakit_dense_forward"):  # reduce_activation_memory's chunked loss
+        n = _count(labels[:, 1:])
         kwargs = _position_kwargs(mask, positions)
         out = model(
             input_ids=ids, attention_mask=mask, labels=labels, num_items_in_batch=1, **kwargs
         )
-        return out.loss, _count(labels[:, 1:])
+        return out.loss, n
     seq = ids.shape[1]
     first = _first_prediction(labels)
     keep = seq - first
-    logits = forward_logits(model, ids, mask, keep, positions)[:, :-1]  # (b, keep - 1, vocab)
     targets = labels[:, first + 1 :]  # (b, keep - 1)
+    n = _count(targets)
+    head = _plain_head(inner)
+    if head is not None and not torch.is_grad_enabled():
+        with _head_computes_loss(head, targets) as result:
+            forward_logits(model, ids, mask, keep, positions)
+        return result["loss"], n
+    logits = forward_logits(model, ids, mask, keep, positions)[:, :-1]  # (b, keep - 1, vocab)
     loss = F.cross_entropy(
         logits.float().reshape(-1, logits.shape[-1]),
         targets.reshape(-1),
         ignore_index=IGNORE,
         reduction="sum",
     )
-    return loss, _count(targets)
+    return loss, n
+
+
+LOSS_CHUNK = 1024  # tokens per chunk of the no-grad loss (as reduce_activation_memory's)
+
+
+def _plain_head(model: nn.Module) -> nn.Module | None:
+    """The LM head of a transformers causal LM whose logits are the head's output, nothing
+    applied after it (the families of ``lorakit.memory.SUPPORTED``; not Gemma's soft-capped or
+    Cohere's scaled logits); else None."""
+    from .memory import SUPPORTED
+
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    get = getattr(model, "get_output_embeddings", None)
+    return get() if model_type in SUPPORTED and get is not None else None
+
+
+@contextlib.contextmanager
+def _head_computes_loss(head: nn.Module, targets: torch.Tensor) -> Iterator[dict[str, Any]]:
+    """While the model runs forward, ``head`` returns no logits: it sums the cross-entropy of
+    its input's positions against ``targets`` in chunks of ``LOSS_CHUNK`` tokens, into
+    ``["loss"]``, so no (b, s, vocab) tensor exists (evaluation under no_grad). The loss is
+    computed inside the forward, where FSDP has the head's weight gathered. The head's own
+    forward runs on each chunk (adapters, 4-bit weights included); each chunk's logits are
+    upcast to float32 as the unchunked loss does."""
+    forward, own, result = head.forward, head.__dict__.get("forward"), {}
+    keep = targets.shape[1] + 1
+
+    def loss_forward(hidden: torch.Tensor) -> torch.Tensor:
+        h = hidden[:, -keep:][:, :-1]  # (b, keep - 1, d): the positions that predict targets
+        step = max(1, LOSS_CHUNK // max(h.shape[0], 1))
+        total, vocab = torch.zeros((), dtype=torch.float32, device=h.device), 0
+        for i in range(0, h.shape[1], step):
+            z = forward(h[:, i : i + step]).float()  # (b, step, vocab)
+            vocab = z.shape[-1]
+            y = targets[:, i : i + step].reshape(-1)
+            total = total + F.cross_entropy(
+                z.reshape(-1, vocab), y, ignore_index=IGNORE, reduction="sum"
+            )
+        result["loss"] = total
+        return hidden.new_zeros(()).expand(*hidden.shape[:-1], vocab)  # logits nobody reads
+
+    head.forward = loss_forward
+    try:
+        yield result
+    finally:
+        if own is None:
+            del head.forward  # the class's forward again
+        else:
+            head.forward = own
 
 
 def _count(targets: torch.Tensor) -> int:
@@ -114,18 +172,13 @@ def nll(
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
-    labels = blocks.clone()
-    labels[len(blocks) if real is None else real :] = IGNORE
+    real = len(blocks) if real is None else real
     for i in range(0, len(blocks), batch_size):
         ids = blocks[i : i + batch_size]
-        loss, n = token_losses(
-            model,
-            {
-                "input_ids": ids,
-                "attention_mask": torch.ones_like(ids),
-                "labels": labels[i : i + batch_size],
-            },
-        )
+        labels = ids.clone()  # one batch's, as training's batches: never the whole set's
+        labels[max(real - i, 0) :] = IGNORE
+        batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+        loss, n = token_losses(model, batch)
         total, count = total + float(loss), count + n
     model.train(was_training)
     return total, count
@@ -137,14 +190,12 @@ def perplexity(model: nn.Module, blocks: torch.Tensor, batch_size: int = 4) -> f
     return math.exp(total / max(count, 1))
 
 
-def shared_prefix(tokenizer, prompts: Sequence[str]) -> int:
-    """Length in tokens of the prefix all ``prompts`` share (what :func:`classify` caches)."""
-    seqs = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
-    return _common_prefix(seqs) if len(seqs) > 1 else 0
-
-
-def _common_prefix(seqs: list[list[int]]) -> int:
-    n = min(len(s) for s in seqs) - 1  # every sequence keeps at least one token of its own
+def common_prefix_length(seqs: list[list[int]]) -> int:
+    """How many leading tokens all ``seqs`` share, leaving every sequence at least one token of
+    its own (what :func:`tail_logits` runs once and caches)."""
+    if len(seqs) < 2:
+        return 0
+    n = min(len(s) for s in seqs) - 1
     first = seqs[0]
     for s in seqs[1:]:
         i = 0
@@ -165,6 +216,54 @@ def _prefix_cache(model: nn.Module, prefix: list[int]):
 
 
 @torch.no_grad()
+def tail_logits(
+    model: nn.Module,
+    seqs: list[list[int]],
+    keep: Sequence[int],
+    pad_id: int,
+    reduce: Callable[[int, torch.Tensor], Any],
+    batch_size: int = 32,
+    shared: int | None = None,
+) -> list[Any]:
+    """``reduce(i, logits)`` of the logits at the last ``keep[i]`` positions of each sequence
+    ``i`` (a ``(keep[i], vocab)`` float32 tensor), computed as cheaply as possible.
+
+    Sequences are batched by length (little padding) and left-padded, so only the last positions'
+    logits are computed (``logits_to_keep``); a token prefix shared by all of them (a prompt
+    template) is run once and reused from the KV cache. ``shared`` fixes that prefix's length
+    (distributed evaluation passes the whole set's, so every rank runs the same forward passes).
+    ``reduce`` keeps what is needed of each row, so no (n, vocab) tensor is ever held.
+    """
+    import copy
+
+    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
+    if shared is None:
+        shared = common_prefix_length(seqs)
+    # The cached prefix yields no logits: every sequence keeps its last keep[i] positions after it.
+    shared = min(shared, *(len(s) - k for s, k in zip(seqs, keep, strict=True)))
+    cache = _prefix_cache(model, seqs[0][:shared]) if shared >= 4 else None
+    if cache is None:
+        shared = 0
+    device = model_device(model)
+    out: list[Any] = [None] * len(seqs)
+    for i in range(0, len(order), batch_size):
+        idx = order[i : i + batch_size]
+        ids, mask = left_pad([seqs[j][shared:] for j in idx], pad_id)
+        ids, mask = ids.to(device), mask.to(device)
+        kwargs: dict[str, Any] = {"position_ids": shared + (mask.cumsum(-1) - 1).clamp(min=0)}
+        if cache is not None:
+            batch_cache = copy.deepcopy(cache)
+            batch_cache.batch_repeat_interleave(len(idx))
+            kwargs["past_key_values"] = batch_cache
+            ones = torch.ones(len(idx), shared, dtype=mask.dtype, device=device)
+            mask = torch.cat([ones, mask], dim=1)
+        width = max(keep[j] for j in idx)
+        logits = model(input_ids=ids, attention_mask=mask, logits_to_keep=width, **kwargs).logits
+        for row, j in enumerate(idx):
+            out[j] = reduce(j, logits[row, width - keep[j] :].float())
+    return out
+
+
 def last_token_logits(
     model: nn.Module,
     seqs: list[list[int]],
@@ -172,74 +271,9 @@ def last_token_logits(
     batch_size: int = 32,
     shared: int | None = None,
 ) -> torch.Tensor:
-    """Logits at the last token of each sequence, (n, vocab), computed as cheaply as possible.
-
-    Sequences are batched by length (little padding), left-padded so only the last position's
-    logits are computed, and a token prefix shared by all of them (a prompt template) is run
-    once and reused from the KV cache. ``shared`` fixes that prefix's length (distributed
-    evaluation passes the whole set's, so every rank runs the same forward passes).
-    """
-    import copy
-
-    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
-    if shared is None:
-        shared = _common_prefix(seqs) if len(seqs) > 1 else 0
-    cache = _prefix_cache(model, seqs[0][:shared]) if shared >= 4 else None
-    if cache is None:
-        shared = 0
-    out = [None] * len(seqs)
-    for i in range(0, len(order), batch_size):
-        idx = order[i : i + batch_size]
-        ids, mask = left_pad([seqs[j][shared:] for j in idx], pad_id)
-        ids, mask = ids.to(model_device(model)), mask.to(model_device(model))
-        kwargs = {}
-        if cache is not None:
-            batch_cache = copy.deepcopy(cache)
-            batch_cache.batch_repeat_interleave(len(idx))
-            kwargs["past_key_values"] = batch_cache
-            kwargs["position_ids"] = shared + (mask.cumsum(-1) - 1).clamp(min=0)
-            mask = torch.cat([torch.ones(len(idx), shared, dtype=mask.dtype), mask], dim=1)
-        else:
-            kwargs["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0)
-        logits = model(input_ids=ids, attention_mask=mask, logits_to_keep=1, **kwargs).logits[:, -1]
-        for row, j in enumerate(idx):
-            out[j] = logits[row].float()
-    return torch.stack(out)
-
-
-def label_token_ids(tokenizer, label_words: Sequence[str]) -> list[int]:
-    """The token id of each label word; each must be exactly one token."""
-    word_ids = [tokenizer(w, add_special_tokens=False)["input_ids"] for w in label_words]
-    if any(len(w) != 1 for w in word_ids):
-        raise ValueError(
-            "label words must be single tokens for this tokenizer, got "
-            f"{dict(zip(label_words, word_ids, strict=True))}"
-        )
-    return [w[0] for w in word_ids]
-
-
-@torch.no_grad()
-def classify(
-    model: nn.Module,
-    tokenizer,
-    prompts: Sequence[str],
-    label_words: Sequence[str],
-    *,
-    batch_size: int = 32,
-    shared_prefix: int | None = None,
-) -> list[int]:
-    """Predict, for each prompt, the label word with the highest log-probability as its continuation.
-
-    Label words must be one token each; see :func:`last_token_logits` for how it is batched.
-    """
-    candidates = torch.tensor(label_token_ids(tokenizer, label_words))
-    was_training = model.training
-    model.eval()
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    seqs = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
-    logits = last_token_logits(model, seqs, pad, batch_size, shared=shared_prefix)
-    model.train(was_training)
-    return logits[:, candidates.to(logits.device)].argmax(-1).tolist()
+    """Logits at the last token of each sequence, (n, vocab) (see :func:`tail_logits`)."""
+    rows = tail_logits(model, seqs, [1] * len(seqs), pad_id, lambda _, x: x[-1], batch_size, shared)
+    return torch.stack(rows)
 
 
 def left_pad(seqs: Iterable[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:

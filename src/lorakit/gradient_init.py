@@ -29,9 +29,17 @@ def gradient_svd_init(
         The number of batches used.
     """
     name = name or active_adapter(model)
-    layers = [layer for _, layer in adapted_layers(model) if name in layer.adapters]
-    if not layers:
+    found = [(path, layer) for path, layer in adapted_layers(model) if name in layer.adapters]
+    if not found:
         raise ValueError(f"the model has no adapter named {name!r}")
+    for path, layer in found:
+        if not layer.weight.is_floating_point():
+            raise ValueError(
+                f"gradient_svd_init takes the dense gradient of every adapted weight; "
+                f"{path}.weight is {layer.weight.dtype} (a quantized base), which has none. "
+                f"Initialise on the unquantized model, or use init='kaiming'"
+            )
+    layers = [layer for _, layer in found]
     weights = [layer.weight for layer in layers]
     flags = [w.requires_grad for w in weights]
     others = [p for p in model.parameters() if p.requires_grad]

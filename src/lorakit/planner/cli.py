@@ -8,8 +8,8 @@ import sys
 from typing import Any
 
 RUN_FLAGS = ("model", "dtype", "quantize", "double_quant", "batch_size", "micro_batch_size")
-RUN_FLAGS += ("max_len", "reduce_memory", "checkpointing", "lr", "weight_decay")
-ADAPTER_FLAGS = ("method", "rank", "alpha", "targets", "adapter_dtype")
+RUN_FLAGS += ("max_len", "reduce_memory", "checkpointing", "lr", "weight_decay", "init_samples")
+ADAPTER_FLAGS = ("method", "rank", "alpha", "targets", "adapter_dtype", "init")
 
 
 def add_command(sub) -> None:
@@ -22,8 +22,10 @@ def add_command(sub) -> None:
     p = sub.add_parser(
         "plan",
         help="training memory per GPU for any model, planned on fake tensors (no weights)",
-        description="Run one training step of the real code path on fake tensors and report, per "
-        "rank, what is live at its peak. --model: a built-in shape ("
+        description="Run the phases of a training run (a training step, validation, gradient-SVD "
+        "init with --init gradient_svd) on the real code path on fake tensors and report, per "
+        "rank, what is live at the peak of the run and each phase's peak. --model: a built-in "
+        "shape ("
         + ", ".join(BUILTIN)
         + "), a folder with config.json, or a hub id. Rows are --max-len tokens, unpadded.",
     )

@@ -1,13 +1,26 @@
-"""One training step of the real code path on fake tensors, and what it holds at its peak.
+"""The phases of a training run on the real code path on fake tensors, and what each holds at its
+peak; the run's peak is the largest.
 
 The model is the model's own transformers class built from its config under ``FakeTensorMode``
 (shapes and dtypes, no data); the run is configured by :func:`lorakit.train`'s own ``_adapt``
 (adapter injection, ``reduce_activation_memory``, checkpointing) and the distributed wrap
-(FSDP2 ``fully_shard`` per block over a fake process group of N ranks); the step is
-``batch_loss`` → backward → ``clip_grad_norm_`` → ``AdamW.step`` → ``zero_grad``, as
-``train_step`` runs it. Two steps run; the second is measured (optimizer states exist by then, as
-in every step of a run but the first). With gradient accumulation the second micro-batch is
-included (gradients are live during its forward, as in every later one).
+(FSDP2 ``fully_shard`` per block over a fake process group of N ranks). Phases, in run order:
+
+- ``gradient_svd_init`` (adapter ``init="gradient_svd"`` only): :func:`lorakit.gradient_svd_init`
+  itself, as ``train.setup`` calls it: before the optimizer exists and before the distributed
+  wrap (every rank holds the whole model then), on micro-batches of ``micro_batch_size or
+  batch_size`` rows (the first two: later ones hold what the second holds). It keeps a dense
+  gradient of every adapted weight at once.
+- ``train_step``: ``batch_loss`` → backward → ``clip_grad_norm_`` → ``AdamW.step`` →
+  ``zero_grad``, as ``train_step`` runs it. Two steps run; the second is measured (optimizer
+  states exist by then, as in every step of a run but the first). With gradient accumulation the
+  second micro-batch is included (gradients are live during its forward, as in every later one).
+- ``validation``: :func:`lorakit.evaluate.token_losses` on a micro-batch of rows, in eval mode
+  under ``no_grad``, as ``tasks.evaluate`` runs it between steps: weights, trainable parameters
+  and optimizer states live, gradients freed (``zero_grad(set_to_none=True)`` ran).
+
+Each phase's batches (token ids, mask, labels: ``collate``'s tensors, rows of ``max_len`` tokens
+without padding) are counted from its start.
 
 ``target="gpu"`` (the default) plans a GPU run: 16-bit layers compute in their own dtype, and
 AdamW and the norm clip use their multi-tensor (foreach) kernels, as they do on CUDA.
@@ -16,7 +29,8 @@ for-loop optimizer.
 
 Modelled rather than run, because neither runs on fake tensors:
 - DDP: the per-rank step of a single process at the per-rank micro-batch, plus the reducer's
-  gradient buckets (one flat copy of the trainable gradients, allocated at wrap time).
+  gradient buckets (one flat copy of the trainable gradients, allocated at wrap time: in the
+  step and validation, not in gradient-SVD init, which runs before the wrap).
 - A 4-bit base (``quantize``): bitsandbytes' ``Params4bit`` cannot wrap a fake tensor, so the
   step runs on the dense base; each quantized weight's bytes are then replaced by its 4-bit
   storage (:func:`nf4_bytes`, checked against bitsandbytes in the tests) and the largest
@@ -37,6 +51,7 @@ import torch
 from torch import nn
 
 from ..config import DTYPES, TrainConfig
+from .environment import attention_kernel, compute_policy, fake_world, one_sequence_per_row
 from .report import MemoryPlan
 from .shapes import load_config
 from .tracker import (
@@ -83,60 +98,8 @@ def _check(cfg: TrainConfig, strategy: str, world: int, target: str) -> None:
         raise ValueError("FSDP2 cannot shard a 4-bit base; plan --strategy ddp with --quantize")
 
 
-@contextlib.contextmanager
-def _fake_world(world: int, strategy: str) -> Iterator[Any]:
-    """A fake process group of ``world`` ranks (this process is rank 0) for FSDP2."""
-    from ..distributed import Context
-
-    if strategy != "fsdp":
-        yield Context(world=world)
-        return
-    import torch.distributed as dist
-    from torch.testing._internal.distributed.fake_pg import FakeStore
-
-    if dist.is_initialized():
-        raise RuntimeError("plan --strategy fsdp needs a process without a process group")
-    dist.init_process_group("fake", rank=0, world_size=world, store=FakeStore())
-    try:
-        yield Context(world=world)
-    finally:
-        dist.destroy_process_group()
-
-
-@contextlib.contextmanager
-def _compute_policy(target: str) -> Iterator[None]:
-    from .. import hardware
-
-    if target == "cpu":
-        yield
-        return
-    before = hardware._override
-    hardware.set_cpu_compute("native")
-    try:
-        yield
-    finally:
-        hardware.set_cpu_compute(before)
-
-
-@contextlib.contextmanager
-def _attention_kernel(target: str, cfg: TrainConfig, config) -> Iterator[None]:
-    """The attention kernel a GPU would run, where the CPU's choice keeps different tensors.
-
-    On fake CPU tensors sdpa runs the CPU flash kernel (saves out + logsumexp), which is what
-    CUDA's flash kernel (16-bit) and memory-efficient kernel (float32) save too. But CUDA's
-    memory-efficient kernel refuses grouped-query heads (transformers passes ``enable_gqa``
-    when there is no mask), so a float32 GQA model falls back to the math kernel there, which
-    keeps the (b, h, s, s) probabilities: measured on an H200, planned otherwise 1.63x short
-    (bench/results/gpu_plan.md)."""
-    heads = getattr(config, "num_attention_heads", None)
-    kv = getattr(config, "num_key_value_heads", None) or heads
-    if target != "gpu" or cfg.dtype != "float32" or heads is None or kv == heads:
-        yield
-        return
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    with sdpa_kernel(SDPBackend.MATH):
-        yield
+def _gradient_svd(cfg: TrainConfig) -> bool:
+    return cfg.adapter is not None and cfg.adapter.init == "gradient_svd"
 
 
 def _build(cfg: TrainConfig, config, adapt: Callable[[nn.Module], nn.Module] | None):
@@ -165,9 +128,10 @@ def _single():
 
 
 def _batch(micro: int, seq: int) -> dict[str, torch.Tensor]:
-    """Fake rows of ``seq`` tokens, no padding: every label a target but the first."""
+    """Fake rows of ``seq`` tokens, no padding: every label a target but the first; the
+    tensors ``collate`` makes (its all-ones mask is dropped by the loss, as a real one is)."""
     ids = torch.zeros(micro, seq, dtype=torch.long)
-    return {"input_ids": ids, "labels": ids.clone()}
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
 
 
 def _step(model, optimizer, params, batch, micros: int, world: int, foreach: bool, hooks):
@@ -236,11 +200,19 @@ def _persistent(model: nn.Module, optimizer, log: StorageLog) -> dict[int, str]:
         cats[log.id(t)] = "weights"
     for p in model.parameters():
         cats[log.id(p)] = "trainable" if p.requires_grad else "weights"
-    for s in optimizer.state.values():
+    for s in optimizer.state.values() if optimizer is not None else ():
         for t in s.values():
             if torch.is_tensor(t):
                 cats.setdefault(log.id(t), "optimizer")
     return cats
+
+
+def _tracked(log: StorageLog, fsdp: bool, fn: Callable[[], Any]) -> None:
+    """Run ``fn`` with every new storage (and FSDP2's in-place resizes) logged, then close."""
+    resizes = fsdp_storage_events(log) if fsdp else contextlib.nullcontext()
+    with resizes, TrackAllocations(log):
+        fn()
+    log.close()
 
 
 def _measure(model, optimizer, params, batch, micros, world, foreach, fsdp: bool):
@@ -249,15 +221,15 @@ def _measure(model, optimizer, params, batch, micros, world, foreach, fsdp: bool
     _step(model, optimizer, params, batch, micros, world, foreach, hooks)
     log = StorageLog()
     cats = _persistent(model, optimizer, log)
+    log.seen_all(batch.values())
     gathered = _unsharded(model) if fsdp else []
     for t in gathered:
         cats.setdefault(log.id(t), "gathered")
     hooks.exclude |= {storage_key(t) for t in gathered}
     hooks.log = log
-    resizes = fsdp_storage_events(log) if fsdp else contextlib.nullcontext()
-    with resizes, TrackAllocations(log):
-        _step(model, optimizer, params, batch, micros, world, foreach, hooks)
-    log.close()
+    _tracked(
+        log, fsdp, lambda: _step(model, optimizer, params, batch, micros, world, foreach, hooks)
+    )
     for uid in hooks.saved:
         cats.setdefault(uid, "activations")
     for uid in hooks.grad_ids:
@@ -271,6 +243,72 @@ def _measure(model, optimizer, params, batch, micros, world, foreach, fsdp: bool
         "gradients": sum(biggest.get(u, 0) for u in hooks.grad_ids),
     }
     return peak, parts, totals
+
+
+def _validation(model: nn.Module, optimizer, batch, fsdp: bool) -> tuple[int, dict[str, int]]:
+    """One validation micro-batch after a step (gradients freed): eval mode, no grad."""
+    from ..evaluate import token_losses
+
+    log = StorageLog()
+    cats = _persistent(model, optimizer, log)
+    log.seen_all(batch.values())
+    for t in _unsharded(model) if fsdp else []:
+        cats.setdefault(log.id(t), "gathered")
+    model.eval()
+    try:
+        with torch.no_grad():
+            _tracked(log, fsdp, lambda: token_losses(model, batch))
+    finally:
+        model.train()
+    return replay(log.events, cats)
+
+
+def init_batches(cfg: TrainConfig) -> list[int]:
+    """Rows per micro-batch of gradient-SVD init, as ``train._gradient_svd_init`` makes them
+    (``micro_batch_size or batch_size``, before any distributed split)."""
+    micro = cfg.micro_batch_size or cfg.batch_size
+    return [min(micro, cfg.init_samples - i) for i in range(0, cfg.init_samples, micro)]
+
+
+def _gradient_svd_phase(model: nn.Module, cfg: TrainConfig) -> tuple[int, dict[str, int]]:
+    """:func:`lorakit.gradient_svd_init` on the adapted model, before the optimizer exists.
+
+    Every micro-batch is made up front, as training makes them; the first two run (a third
+    holds what the second does: the gradients exist and are added to)."""
+    from ..gradient_init import gradient_svd_init
+    from ..inject import adapted_layers
+    from ..tasks import batch_loss
+
+    batches = [_batch(n, cfg.max_len) for n in init_batches(cfg)]
+    count = cfg.init_samples * (cfg.max_len - 1)
+    log = StorageLog()
+    cats = _persistent(model, None, log)
+    log.seen_all(t for b in batches for t in b.values())
+    hooks = _Hooks({storage_key(t) for t in [*model.parameters(), *model.buffers()]})
+    hooks.log = log
+    grads: set[int] = set()
+    handles: list[Any] = []
+
+    def note(w: torch.Tensor) -> None:
+        grads.add(log.id(w.grad))
+
+    def loss_fn(m: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        if not handles:  # the weights require grad from here on
+            weights = {id(x.weight): x.weight for _, x in adapted_layers(m)}.values()
+            handles.extend(w.register_post_accumulate_grad_hook(note) for w in weights)
+        with hooks.forward():
+            return batch_loss(m, batch) / count
+
+    try:
+        _tracked(log, False, lambda: gradient_svd_init(model, loss_fn, batches[:2]))
+    finally:
+        for h in handles:
+            h.remove()
+    for uid in hooks.saved:
+        cats.setdefault(uid, "activations")
+    for uid in grads:
+        cats.setdefault(uid, "gradients")
+    return replay(log.events, cats)
 
 
 def _quantized_adjustment(model: nn.Module, cfg: TrainConfig) -> tuple[int, int]:
@@ -299,25 +337,29 @@ def plan(
     label: str | None = None,
     **flat: Any,
 ) -> MemoryPlan:
-    """Plan the memory of one training step per rank, on fake tensors (nothing model-sized is
-    allocated).
+    """Plan the memory of a training run per rank, on fake tensors (nothing model-sized is
+    allocated): a training step, validation, and gradient-SVD init when the adapter asks for it.
 
     Args:
         cfg: the run (a :class:`TrainConfig`); or give its flat keys as keyword arguments
             (``model=``, ``method=``, ``rank=``, ``targets=``, ``dtype=``, ``quantize=``,
             ``batch_size=``, ``micro_batch_size=``, ``max_len=``, ``reduce_memory=``,
-            ``checkpointing=``). ``max_len`` is the length of every row (no padding).
+            ``checkpointing=``, ``init=``, ``init_samples=``). ``max_len`` is the length of
+            every row (no padding).
         strategy: ``single``, ``ddp`` or ``fsdp`` (FSDP2, every transformer block sharded).
         world_size: ranks; the plan is rank 0's (every rank holds the same).
         target: ``gpu`` (16-bit computed natively, foreach AdamW) or ``cpu`` (this machine).
         adapt: instead of lorakit's adapter, call ``adapt(model)`` on the fake model and train
             what it returns (e.g. a PEFT model) with its trainable parameters.
         label: the plan's name in reports (default: the method).
+
+    Returns:
+        A :class:`MemoryPlan`: ``peak`` is the largest phase's (``peak_phase``), ``phases`` each
+        phase's peak.
     """
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from ..checkpoint import trainable_parameters
-    from ..distributed import check_batch, wrap
+    from ..distributed import check_batch
 
     cfg = cfg if cfg is not None else TrainConfig.from_flat(flat)
     _check(cfg, strategy, world_size, target)
@@ -328,42 +370,60 @@ def plan(
     micros = min((cfg.batch_size // world_size) // micro, 2)
     t0 = time.perf_counter()
     with (
-        _compute_policy(target),
-        _attention_kernel(target, cfg, config),
-        _fake_world(world_size, strategy) as ctx,
+        compute_policy(target),
+        attention_kernel(target, cfg, config),
+        one_sequence_per_row(),
+        fake_world(world_size, strategy) as ctx,
         FakeTensorMode(),
     ):
-        model = _build(cfg, config, adapt)
-        if strategy == "fsdp":
-            model = wrap(model, "fsdp", ctx)
-        params = [p for _, p in trainable_parameters(model)]
-        if not params:
-            raise ValueError("nothing trains: the adapted model has no trainable parameter")
-        foreach = target == "gpu"
-        optimizer = torch.optim.AdamW(
-            params, lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=foreach
-        )
-        batch = _batch(micro, cfg.max_len)
-        peak, parts, totals = _measure(
-            model, optimizer, params, batch, micros, world_size, foreach, strategy == "fsdp"
-        )
-        if strategy == "ddp":  # the reducer's flat gradient buckets, allocated at wrap time
-            bucket = sum(p.numel() * p.element_size() for p in params)
-            parts["gradients"] = parts.get("gradients", 0) + bucket
-            peak += bucket
-        if cfg.quantize != "none":
-            smaller, dequantized = _quantized_adjustment(model, cfg)
-            parts["weights"] -= smaller
-            parts["transient"] = parts.get("transient", 0) + dequantized
-            peak += dequantized - smaller
+        phases, totals = _phases(cfg, config, adapt, strategy, ctx, target, micro, micros)
     return MemoryPlan.of(
         cfg,
         label or cfg.method,
         strategy,
         world_size,
         micro,
-        peak,
-        parts,
+        phases,
         totals,
         time.perf_counter() - t0,
     )
+
+
+def _phases(cfg, config, adapt, strategy: str, ctx, target: str, micro: int, micros: int):
+    """Each phase's (peak, parts) on the fake model, and the training step's totals."""
+    from ..checkpoint import trainable_parameters
+    from ..distributed import wrap
+
+    phases: dict[str, tuple[int, dict[str, int]]] = {}
+    model = _build(cfg, config, adapt)
+    if adapt is None and _gradient_svd(cfg):  # before the wrap, as train.setup runs it
+        phases["gradient_svd_init"] = _gradient_svd_phase(model, cfg)
+    if strategy == "fsdp":
+        model = wrap(model, "fsdp", ctx)
+    params = [p for _, p in trainable_parameters(model)]
+    if not params:
+        raise ValueError("nothing trains: the adapted model has no trainable parameter")
+    foreach = target == "gpu"
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=foreach)
+    batch = _batch(micro, cfg.max_len)
+    fsdp = strategy == "fsdp"
+    peak, parts, totals = _measure(
+        model, optimizer, params, batch, micros, ctx.world, foreach, fsdp
+    )
+    phases["train_step"] = peak, parts
+    phases["validation"] = _validation(model, optimizer, batch, fsdp)
+    if strategy == "ddp":  # the reducer's flat gradient buckets, allocated at wrap time
+        bucket = sum(p.numel() * p.element_size() for p in params)
+        for name in ("train_step", "validation"):
+            phases[name] = _add(phases[name], "gradients", bucket)
+    if cfg.quantize != "none":
+        smaller, dequantized = _quantized_adjustment(model, cfg)
+        for name, phase in phases.items():
+            phases[name] = _add(_add(phase, "weights", -smaller), "transient", dequantized)
+    return phases, totals
+
+
+def _add(phase: tuple[int, dict[str, int]], part: str, n: int) -> tuple[int, dict[str, int]]:
+    """``phase`` (peak, parts) with ``n`` bytes more in ``part`` (held through the phase)."""
+    peak, parts = phase
+    return peak + n, {**parts, part: parts.get(part, 0) + n}

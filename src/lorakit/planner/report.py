@@ -1,4 +1,4 @@
-"""A memory plan: what one rank holds at the peak of a training step, as text, JSON or a PNG."""
+"""A memory plan: what one rank holds at the peak of a training run, as text, JSON or a PNG."""
 
 from __future__ import annotations
 
@@ -19,16 +19,26 @@ LABELS = {
     "gathered": "FSDP all-gathered parameters",
     "transient": "transient (logits, temporaries)",
 }
+# The phases of a run the planner runs, in run order.
+PHASES = {
+    "gradient_svd_init": "gradient-SVD init",
+    "train_step": "training step",
+    "validation": "validation (no grad)",
+}
 _UNITS = {"": 1, "b": 1, "k": 1024, "m": 1024**2, "g": GiB, "t": 1024**4}
 
 
 @dataclass
 class MemoryPlan:
-    """One rank's memory at the peak of a steady-state training step, in bytes.
+    """One rank's memory at the peak of a training run, in bytes.
 
-    ``at_peak`` adds up to ``peak``; ``activations`` is everything one forward saves for backward
-    (unique storages, parameters excluded: what :func:`lorakit.count_saved` counts) and
-    ``gradients`` every trainable gradient, whether or not all were live at the peak.
+    ``phases`` holds each phase's peak (``train_step``: a steady-state step; ``validation``;
+    ``gradient_svd_init`` when the adapter's init is ``gradient_svd``) and ``phase_at_peak`` what
+    each held at its peak. ``peak`` is the largest of them, set by ``peak_phase``, and
+    ``at_peak`` is that phase's parts (they add up to ``peak``). ``activations`` and
+    ``gradients`` are the training step's: everything one forward saves for backward (unique
+    storages, parameters excluded: what :func:`lorakit.count_saved` counts) and every trainable
+    gradient, whether or not all were live at the peak.
     """
 
     model: str
@@ -47,9 +57,16 @@ class MemoryPlan:
     activations: int = 0
     gradients: int = 0
     seconds: float = 0.0
+    peak_phase: str = "train_step"
+    phases: dict[str, int] = field(default_factory=dict)
+    phase_at_peak: dict[str, dict[str, int]] = field(default_factory=dict)
 
     @classmethod
-    def of(cls, cfg, label, strategy, world, micro, peak, parts, totals, seconds) -> MemoryPlan:
+    def of(cls, cfg, label, strategy, world, micro, phases, totals, seconds) -> MemoryPlan:
+        """From each phase's (peak, parts at its peak); ties go to the earlier phase in run order."""
+        order = [k for k in PHASES if k in phases]
+        top = max(order, key=lambda k: phases[k][0])
+        peak, parts = phases[top]
         return cls(
             model=cfg.model,
             label=label,
@@ -63,10 +80,13 @@ class MemoryPlan:
             reduce_memory=cfg.reduce_memory,
             checkpointing=cfg.checkpointing,
             peak=peak,
-            at_peak={k: parts[k] for k in PARTS if parts.get(k)},
+            at_peak=_ordered(parts),
             activations=totals["activations"],
             gradients=totals["gradients"],
             seconds=seconds,
+            peak_phase=top,
+            phases={k: phases[k][0] for k in order},
+            phase_at_peak={k: _ordered(phases[k][1]) for k in order},
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -85,20 +105,33 @@ class MemoryPlan:
             f"{self.model} · {self.label}{quant} · {self.dtype} · {how} · micro-batch "
             f"{self.micro_batch_size} x {self.max_len} tokens"
             + (f" · {'+'.join(extra)}" if extra else ""),
-            f"per rank, at the peak of a training step (planned in {self.seconds:.1f} s):",
+            f"per rank, at the peak of the run, in its {PHASES[self.peak_phase]} "
+            f"(planned in {self.seconds:.1f} s):",
         ]
         width = max(len(v) for v in LABELS.values())
-        for k in PARTS:
-            if k not in self.at_peak:
-                continue
-            note = ""
-            if k == "activations" and self.activations != self.at_peak[k]:
-                note = f"   (one forward saves {gib(self.activations)})"
-            if k == "gradients" and self.gradients != self.at_peak[k]:
-                note = f"   (all of them: {gib(self.gradients)})"
-            lines.append(f"  {LABELS[k]:<{width}}  {gib(self.at_peak[k]):>12}{note}")
+        for k, v in self.at_peak.items():
+            lines.append(f"  {LABELS[k]:<{width}}  {gib(v):>12}{self._note(k)}")
         lines.append(f"  {'peak':<{width}}  {gib(self.peak):>12}")
+        if len(self.phases) > 1:
+            lines.append("peak of each phase:")
+            for k, v in self.phases.items():
+                mark = "   <- the run's peak" if k == self.peak_phase else ""
+                lines.append(f"  {PHASES[k]:<{width}}  {gib(v):>12}{mark}")
         return "\n".join(lines)
+
+    def _note(self, part: str) -> str:
+        """The training step's totals, where its peak holds only some of them."""
+        if self.peak_phase != "train_step":
+            return ""
+        if part == "activations" and self.activations != self.at_peak[part]:
+            return f"   (one forward saves {gib(self.activations)})"
+        if part == "gradients" and self.gradients != self.at_peak[part]:
+            return f"   (all of them: {gib(self.gradients)})"
+        return ""
+
+
+def _ordered(parts: dict[str, int]) -> dict[str, int]:
+    return {k: parts[k] for k in PARTS if parts.get(k)}
 
 
 def gib(n: int) -> str:
@@ -115,7 +148,8 @@ def parse_size(text: str) -> int:
 
 
 def plot(plans: list[MemoryPlan], file: str | Path, budgets: tuple[int, ...] = ()) -> Path:
-    """A stacked bar per plan (what is live at its peak), with budget lines."""
+    """A stacked bar per plan (what is live at the run's peak, in the phase named under the bar
+    when it is not the training step), the other phases' peaks as ticks, budget lines."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -134,7 +168,16 @@ def plot(plans: list[MemoryPlan], file: str | Path, budgets: tuple[int, ...] = (
         ax.text(
             len(plans) - 0.5, b / GiB, f"{b / GiB:.0f} GiB", va="bottom", ha="right", fontsize=7
         )
-    ax.set_xticks(list(x), [p.label for p in plans], rotation=30, ha="right", fontsize=8)
+    for i, p in enumerate(plans):  # the other phases' peaks, as ticks on the bar
+        for k, v in p.phases.items():
+            if k != p.peak_phase:
+                ax.plot([i - 0.4, i + 0.4], [v / GiB] * 2, color="black", lw=0.8)
+                ax.text(i + 0.42, v / GiB, PHASES[k], va="center", fontsize=6)
+    names = [
+        p.label + (f"\n({PHASES[p.peak_phase]})" if p.peak_phase != "train_step" else "")
+        for p in plans
+    ]
+    ax.set_xticks(list(x), names, rotation=30, ha="right", fontsize=8)
     ax.set_ylabel("GiB per rank at the peak")
     ax.legend(fontsize=7)
     fig.tight_layout()

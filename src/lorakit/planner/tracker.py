@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import weakref
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -148,3 +148,18 @@ def replay(
         if total > peak:
             peak, at_peak = total, dict(live)
     return peak, {k: v for k, v in at_peak.items() if v}
+
+
+def live_peak(fn: Callable[[], object], persistent: Iterable[torch.Tensor] = ()) -> int:
+    """The peak of live storage bytes while ``fn`` runs, ``persistent`` counted from the start.
+
+    The planner's own accounting, for tensors of any kind: on real tensors it measures what the
+    planner plans on fake ones (a storage counts from the op that returns it to its free; what
+    an op allocates and frees inside itself is not seen), deterministically, on any CPU.
+    """
+    log = StorageLog()
+    log.seen_all(persistent)
+    with TrackAllocations(log):
+        fn()
+    log.close()
+    return replay(log.events, {})[0]
