@@ -4,6 +4,7 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
+TESTDATA := $(VENV)/.testdata
 
 .PHONY: venv demo test lint bench clean
 
@@ -22,7 +23,12 @@ $(STAMP): requirements.txt requirements-data.txt pyproject.toml
 demo: $(STAMP)
 	$(VENV)/bin/lorakit demo
 
-test: $(STAMP)
+# The tests also read real tokenizers of other families (llama.cpp's vocab files, ~77 MB sdist).
+$(TESTDATA): $(STAMP) requirements-testdata.txt
+	$(PY) -m pip download -q --no-binary :all: --no-deps --require-hashes -r requirements-testdata.txt -d $(VENV)/share/lorakit
+	touch $@
+
+test: $(STAMP) $(TESTDATA)
 	$(PY) -m pytest -q -ra tests
 
 lint: $(STAMP)

@@ -20,11 +20,11 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import machine, write  # noqa: E402
 
 from lorakit import data  # noqa: E402
+from lorakit.classify import classification_prompt, classify  # noqa: E402
 from lorakit.config import TrainConfig  # noqa: E402
 from lorakit.demo import DEMO  # noqa: E402
-from lorakit.evaluate import accuracy, classify  # noqa: E402
+from lorakit.evaluate import accuracy  # noqa: E402
 from lorakit.models import load_model  # noqa: E402
-from lorakit.tasks import classification_prompt  # noqa: E402
 from lorakit.train import train  # noqa: E402
 
 # (label, method, v2 gradient correction, learning rate; None: the demo's)

@@ -33,7 +33,8 @@ from sparse_baselines import merge as merge_baseline  # noqa: E402
 
 import lorakit as lk  # noqa: E402
 from lorakit import data  # noqa: E402
-from lorakit.evaluate import accuracy, classify, perplexity  # noqa: E402
+from lorakit.classify import classify  # noqa: E402
+from lorakit.evaluate import accuracy, perplexity  # noqa: E402
 from lorakit.models import load_model  # noqa: E402
 
 SEQ = 256
@@ -115,9 +116,9 @@ ROWS = {
 
 
 def rotten_tomatoes(pruned, tok, steps: int) -> list[str]:
+    from lorakit.classify import classification_prompt
     from lorakit.config import TrainConfig
     from lorakit.demo import DEMO
-    from lorakit.tasks import classification_prompt
     from lorakit.train import train
 
     test = data.load_records("rotten-tomatoes", "test")

@@ -6,7 +6,6 @@ import json
 import shutil
 import subprocess
 import sys
-import types
 import warnings
 from pathlib import Path
 
@@ -278,25 +277,33 @@ def test_hub_name_without_datasets(monkeypatch):
         data.load_records("someorg/some-dataset")
 
 
-def test_hub_dataset_rows_become_records(monkeypatch):
-    rows = [{"text": "good", "label": 1, "idx": 0}, {"text": "bad", "label": 0, "idx": 1}]
-    fake = types.ModuleType("datasets")
-    seen = {}
+def test_hub_dataset_rows_become_records_and_class_names(monkeypatch):
+    import datasets
 
-    class Table(list):
-        column_names = ["text", "label", "idx"]
+    features = datasets.Features(
+        {
+            "text": datasets.Value("string"),
+            "label": datasets.ClassLabel(names=["terrible", "great"]),
+            "idx": datasets.Value("int32"),
+        }
+    )
+    table = datasets.Dataset.from_dict(
+        {"text": ["good", "bad"], "label": [1, 0], "idx": [0, 1]}, features=features
+    )
+    seen = {}
 
     def load_dataset(name, split):
         seen.update(name=name, split=split)
-        return Table(rows)
+        return table
 
-    fake.load_dataset = load_dataset
-    monkeypatch.setitem(sys.modules, "datasets", fake)
-    assert data.load_records("org/sst", "validation") == [
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    assert data.label_names("org/sst-names") is None  # not loaded yet
+    assert data.load_records("org/sst-names", "validation") == [
         {"text": "good", "label": 1},
         {"text": "bad", "label": 0},
     ]
-    assert seen == {"name": "org/sst", "split": "validation"}
+    assert seen == {"name": "org/sst-names", "split": "validation"}
+    assert data.label_names("org/sst-names") == ["terrible", "great"]
 
 
 # --- lm_blocks ----------------------------------------------------------------------------------
@@ -327,9 +334,15 @@ def test_lm_blocks_are_contiguous_windows(tok):
 def test_encode_prompt_completion_masks_prompt(tok):
     records = [{"prompt": "Q: capital of France?\nA:", "completion": " Paris"}]
     (ex,) = data.encode_examples(records, tok, 64)
-    prompt, completion = ids_of(tok, records[0]["prompt"]), ids_of(tok, " Paris")
+    prompt = ids_of(tok, records[0]["prompt"])
+    completion = ids_of(tok, " Paris") + [tok.eos_token_id]  # the model learns to stop
     assert ex["input_ids"] == prompt + completion  # SmolLM2 adds no bos by default
     assert ex["labels"] == [-100] * len(prompt) + completion
+    # a completion that already ends with the eos token gets no second one
+    (again,) = data.encode_examples(
+        [{"prompt": records[0]["prompt"], "completion": " Paris" + tok.eos_token}], tok, 64
+    )
+    assert again == ex
 
 
 def test_encode_classification_and_plain_text(tok):
@@ -350,7 +363,7 @@ def test_encode_truncates_prompt_from_left_and_warns_once(tok):
     long_prompt = " ".join(f"word{i}" for i in range(60))
     records = [{"prompt": long_prompt, "completion": " the answer"}] * 3
     records.append({"prompt": "short", "completion": " ok"})
-    completion = ids_of(tok, " the answer")
+    completion = ids_of(tok, " the answer") + [tok.eos_token_id]
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         ex = data.encode_examples(records, tok, 16)
@@ -362,11 +375,11 @@ def test_encode_truncates_prompt_from_left_and_warns_once(tok):
     kept = 16 - len(completion)
     assert ex[0]["input_ids"] == ids_of(tok, long_prompt)[-kept:] + completion
     assert ex[0]["labels"] == [-100] * kept + completion
-    assert ex[3]["input_ids"] == ids_of(tok, "short") + ids_of(tok, " ok")
+    assert ex[3]["input_ids"] == ids_of(tok, "short") + ids_of(tok, " ok") + [tok.eos_token_id]
     # A completion longer than max_len is cut on the right, with no prompt left.
     with pytest.warns(UserWarning, match="1 of 1 examples"):
-        (cut,) = data.encode_examples([{"prompt": "p", "completion": long_prompt}], tok, 5)
-    assert cut["input_ids"] == cut["labels"] == ids_of(tok, long_prompt)[:5]
+        (cut,) = data.encode_examples([{"prompt": "p", "completion": " " + long_prompt}], tok, 5)
+    assert cut["input_ids"] == cut["labels"] == ids_of(tok, " " + long_prompt)[:5]
 
 
 class BosTokenizer:
@@ -384,12 +397,12 @@ class BosTokenizer:
 
 def test_encode_adds_bos_when_the_tokenizer_does():
     tok = BosTokenizer()
-    (ex,) = data.encode_examples([{"prompt": "a bb", "completion": "ccc"}], tok, 8)
-    assert ex["input_ids"] == [1, 11, 12, 13]
-    assert ex["labels"] == [-100, -100, -100, 13]
+    (ex,) = data.encode_examples([{"prompt": "a bb", "completion": " ccc"}], tok, 8)
+    assert ex["input_ids"] == [1, 11, 12, 13, 2]
+    assert ex["labels"] == [-100, -100, -100, 13, 2]
     with pytest.warns(UserWarning, match="1 of 1 examples"):
-        (ex,) = data.encode_examples([{"prompt": "a bb", "completion": "ccc"}], tok, 3)
-    assert ex["input_ids"] == [1, 12, 13]  # bos stays first, prompt cut from the left
+        (ex,) = data.encode_examples([{"prompt": "a bb", "completion": " ccc"}], tok, 4)
+    assert ex["input_ids"] == [1, 12, 13, 2]  # bos stays first, prompt cut from the left
     (ex,) = data.encode_examples([{"text": "a b"}], tok, 8)
     assert ex["input_ids"] == ex["labels"] == [1, 11, 11]
 

@@ -98,7 +98,7 @@ def test_ddp_and_fsdp_equal_one_process(setup, tmp_path, method):
         assert run.stdout.count("Training summary") == 1
         assert sorted(p.name for p in out.iterdir()) == [
             "adapter", "checkpoint", "config.yaml", "loss.png", "metrics.csv", "metrics.jsonl",
-            "summary.json",
+            "summary.json", "task.json",
         ]  # fmt: skip
 
 

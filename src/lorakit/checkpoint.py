@@ -37,10 +37,18 @@ def trainable_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
 
 
 def save_checkpoint(
-    folder: Path, model, optimizer, scheduler, cfg: TrainConfig, step: int, ctx: Context = SINGLE
+    folder: Path,
+    model,
+    optimizer,
+    scheduler,
+    cfg: TrainConfig,
+    step: int,
+    ctx: Context = SINGLE,
+    fingerprint: dict[str, Any] | None = None,
 ) -> None:
     """Write a checkpoint to ``folder`` atomically (temp folder, then renames).
 
+    ``fingerprint`` (:func:`data_fingerprint`) is kept so that a resume on other data refuses.
     Distributed: every rank calls this (sharded tensors are gathered whole, every rank's RNG
     state is collected); rank 0 alone writes.
     """
@@ -77,6 +85,7 @@ def save_checkpoint(
             "config": cfg.to_flat(),
             "param_groups": state["param_groups"],
             "scheduler": {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"},
+            "fingerprint": fingerprint,
         }
         (tmp / "trainer_state.json").write_text(json.dumps(meta, indent=2))
 
@@ -103,6 +112,95 @@ def check_resumable(saved: dict[str, Any], cfg: TrainConfig) -> None:
         raise ValueError(
             f"cannot resume: the config differs from the checkpoint's in {diff} ({detail})"
         )
+
+
+def _sha256(data: bytes) -> str:
+    import hashlib
+
+    return hashlib.sha256(data).hexdigest()
+
+
+def _files(source: str | None) -> dict[str, str]:
+    """sha256 of a local data file (nothing for a built-in or hub name)."""
+    if source is None or not Path(source).expanduser().is_file():
+        return {}
+    return {source: _sha256(Path(source).expanduser().read_bytes())}
+
+
+def _tokenizer_digest(tokenizer) -> str:
+    """A digest of what decides token ids: the vocabulary, merges and normalisation (a fast
+    tokenizer's whole definition), and the special tokens."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    body = (
+        backend.to_str()
+        if backend is not None
+        else json.dumps(sorted(tokenizer.get_vocab().items()))
+    )
+    special = json.dumps(getattr(tokenizer, "special_tokens_map", {}), sort_keys=True, default=str)
+    return _sha256((body + special).encode())
+
+
+def data_fingerprint(
+    cfg: TrainConfig, tokenizer, spec: dict[str, Any], train: list, val: list, examples: list
+) -> dict[str, Any]:
+    """What a run's data is, as a resume compares it: the data files' hashes, the record counts
+    and a hash of the records, the tokenizer, the prompt / chat template (``spec``: how inputs
+    are encoded) and a hash of the encoded training examples (their order follows their count)."""
+
+    def digest(obj) -> str:
+        return _sha256(json.dumps(obj, sort_keys=True, default=str).encode())
+
+    return {
+        "files": {**_files(cfg.data), **_files(cfg.val_data)},
+        "train_records": len(train),
+        "val_records": len(val),
+        "records": digest([train, val]),
+        "tokenizer": _tokenizer_digest(tokenizer) if tokenizer is not None else None,
+        "encoding": digest(spec),
+        "examples": digest(examples),
+    }
+
+
+_WHAT = {
+    "files": "the data files' contents (sha256)",
+    "train_records": "the number of training records",
+    "val_records": "the number of validation records",
+    "records": "the records' text or labels",
+    "tokenizer": "the tokenizer (vocabulary, merges or special tokens)",
+    "encoding": "the prompt, chat template or classes",
+    "examples": "the encoded training examples",
+}
+
+
+def check_fingerprint(saved: dict[str, Any] | None, now: dict[str, Any]) -> None:
+    """Refuse to resume on data other than the checkpoint's, saying what changed."""
+    if saved is None:  # a checkpoint written before fingerprints were kept
+        import warnings
+
+        warnings.warn(
+            "the checkpoint records no data fingerprint (written by an older lorakit); resuming "
+            "without checking that the data is the same",
+            stacklevel=2,
+        )
+        return
+    changed = [k for k in _WHAT if k in saved and saved[k] != now.get(k)]
+    if not changed:
+        return
+    details = []
+    for k in changed:
+        if k in ("train_records", "val_records"):
+            details.append(f"{_WHAT[k]}: {saved[k]} -> {now[k]}")
+        elif k == "files":
+            names = sorted(set(saved[k]) | set(now[k]))
+            diff = [n for n in names if saved[k].get(n) != now[k].get(n)]
+            details.append(f"{_WHAT[k]}: {', '.join(diff)}")
+        else:
+            details.append(_WHAT[k])
+    raise ValueError(
+        "cannot resume: the data differs from the checkpoint's ("
+        + "; ".join(details)
+        + "). Resume on the same data, tokenizer and template, or start over with --overwrite"
+    )
 
 
 def load_weights(folder: Path, model, cfg: TrainConfig) -> dict[str, Any]:

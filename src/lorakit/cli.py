@@ -13,6 +13,7 @@ from typing import Any
 
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
+from .config import parse_list  # noqa: E402
 from .flags import add_config_flags, read_config_file  # noqa: E402
 
 
@@ -113,53 +114,43 @@ def _base_kwargs(a: argparse.Namespace) -> dict[str, Any]:
 def cmd_eval(a: argparse.Namespace) -> int:
     from . import data
     from .adapters import load_adapter
-    from .evaluate import accuracy, classify, perplexity
     from .models import load_model
-    from .tasks import classification_prompt, is_causal_lm, predict_classes
+    from .scoring import eval_classes, saved_spec, score
+    from .tasks import is_causal_lm
 
     records = data.load_records(a.data, a.split)
-    if a.limit:
-        records = records[: a.limit]
+    spec = saved_spec(a.adapter)
     labelled = not a.perplexity and "label" in records[0]
-    names = (
-        (data.label_names(a.data) or [str(v) for v in sorted({r["label"] for r in records})])
-        if labelled
-        else None
-    )
+    names = {"data_names": data.label_names(a.data), "label_names": a.label_names}
     causal = is_causal_lm(a.model)
-    result: dict[str, float | str | int] = {
-        "model": a.model,
-        "adapter": a.adapter or "-",
-        "data": a.data,
-        "split": a.split,
-    }
+    classes = None
     if labelled and not causal:  # encoder + classification head (trained with the adapter)
+        classes = eval_classes(spec, records, **names)
         model, tok = load_model(
-            a.model, task="sequence-classification", num_labels=len(names), **_base_kwargs(a)
+            a.model,
+            task="sequence-classification",
+            num_labels=len(classes.values),
+            **_base_kwargs(a),
         )
     else:
         model, tok = load_model(a.model, **_base_kwargs(a))
+        if labelled:
+            classes = eval_classes(spec, records, tokenizer=tok, prompt=a.prompt, **names)
     if a.adapter:
         load_adapter(model, a.adapter)
-    labels = [r["label"] for r in records] if labelled else None
-    if labelled and not causal:
-        result["accuracy"] = accuracy(predict_classes(model, tok, records, a.max_len), labels)
-    elif labelled:
-        template, words = classification_prompt(tok, names, a.prompt)
-        preds = classify(
-            model, tok, [template.replace("{text}", r["text"]) for r in records], words
-        )
-        result["accuracy"] = accuracy(preds, labels)
-    elif "messages" in records[0]:  # conversations: loss on the assistant tokens
-        from .tasks import example_nll, pad_token_id
-
-        examples = data.encode_chats(records, tok, a.max_len, a.chat_template)
-        total, count = example_nll(model, examples, len(examples), pad_token_id(tok))
-        result["loss"] = total / max(count, 1)
-        result["assistant_tokens"] = count
-    else:
-        result["perplexity"] = perplexity(model, data.lm_blocks(records, tok, a.max_len))
-    result["examples"] = len(records)
+    result: dict[str, Any] = {"model": a.model, "adapter": a.adapter or "-", "data": a.data}
+    result["split"] = a.split
+    result |= score(
+        model,
+        tok,
+        records,
+        classes=classes,
+        chat_template=a.chat_template or spec.get("chat_template"),
+        max_len=a.max_len,
+        batch_size=a.batch_size,
+        limit=a.limit,
+        perplexity=a.perplexity,
+    )
     print(json.dumps(result, indent=2))
     return 0
 
@@ -182,32 +173,32 @@ def cmd_merge(a: argparse.Namespace) -> int:
 def cmd_generate(a: argparse.Namespace) -> int:
     from .adapters import load_adapter
     from .config import DTYPES
-    from .generate import reply
+    from .generate import prompt_format, session
     from .inject import merge
     from .models import load_model
+    from .scoring import saved_spec
 
     if not a.interactive and a.prompt is None:
         raise ValueError("give --prompt TEXT, or --interactive for a conversation")
+    spec = saved_spec(a.adapter)
     model, tok = load_model(a.model, dtype=DTYPES[a.dtype])
     if a.adapter:  # merged: answers cost what the base model costs (LoRS stays sparse)
         model = merge(load_adapter(model, a.adapter))
-    messages = [{"role": "system", "content": a.system}] if a.system else []
-    options = {"max_new_tokens": a.max_new_tokens, "temperature": a.temperature}
-    options |= {"top_p": a.top_p, "seed": a.seed, "template": a.chat_template}
-    prompt = a.prompt
-    while True:
-        if prompt is None:
-            try:
-                prompt = input("you> ").strip()
-            except EOFError:
-                prompt = ""
-            if not prompt:
-                return 0
-        messages.append({"role": "user", "content": prompt})
-        messages.append({"role": "assistant", "content": reply(model, tok, messages, **options)})
-        if not a.interactive:
-            return 0
-        prompt = None
+    session(
+        model,
+        tok,
+        a.prompt,
+        chat=prompt_format(tok, spec, a.format) == "chat",
+        template=a.chat_template or spec.get("chat_template"),
+        wrap=spec.get("classes", {}).get("template") or "{text}",
+        system=a.system,
+        interactive=a.interactive,
+        max_new_tokens=a.max_new_tokens,
+        temperature=a.temperature,
+        top_p=a.top_p,
+        seed=a.seed,
+    )
+    return 0
 
 
 def _generate_command(sub) -> None:
@@ -226,6 +217,14 @@ def _generate_command(sub) -> None:
     p.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling threshold")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
     p.add_argument("--chat-template", default=None, help="a Jinja chat template file")
+    p.add_argument(
+        "--format",
+        default="auto",
+        choices=["auto", "chat", "plain"],
+        help="chat: render the chat template; plain: continue the prompt as given (a "
+        "classification adapter's prompt filled with it); auto: what the adapter was trained "
+        "on, else chat if the tokenizer has a template",
+    )
     p.add_argument(
         "--dtype", default="float32", choices=["float32", "bfloat16"], help="model dtype"
     )
@@ -308,13 +307,25 @@ def _eval_command(sub) -> None:
         "--perplexity", action="store_true", help="perplexity even if the data has labels"
     )
     p.add_argument(
-        "--limit", type=int, default=0, help="evaluate the first N examples only (0: all)"
+        "--limit",
+        type=int,
+        default=0,
+        help="score the first N examples only (plain text: the first N windows of --max-len "
+        "tokens); 0: all",
     )
+    p.add_argument("--batch-size", type=int, default=16, help="examples per forward pass")
     p.add_argument(
         "--prompt",
-        default="auto",
+        default=None,
         choices=["auto", "chat", "plain"],
-        help="classification prompt style (use the one the adapter was trained with)",
+        help="classification prompt style (default: the one the adapter was trained with, "
+        "else auto)",
+    )
+    p.add_argument(
+        "--label-names",
+        type=parse_list,
+        default=(),
+        help="class names for labels 0, 1, ... (default: the adapter's, else the data's)",
     )
     p.add_argument("--chat-template", default=None, help="conversations: a Jinja template file")
     p.set_defaults(func=cmd_eval)

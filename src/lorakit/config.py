@@ -116,7 +116,9 @@ class LoRAConfig:
     )
     bias: Literal["none"] = opt("none", "biases stay frozen (PEFT's bias='none')")
     adapter_dtype: Literal["float32", "bfloat16", "float16", "float64"] | None = opt(
-        None, "dtype of the adapter weights; default: the base layer's"
+        None,
+        "dtype of the adapter weights and their optimizer states; default: float32 on a 16-bit "
+        "base (bfloat16 / float16: fp32 master weights, as PEFT), else the base layer's",
     )
     modules_to_save: tuple[str, ...] = opt(
         (), "module-name suffixes trained fully and saved with the adapter", parse=parse_list
@@ -151,7 +153,8 @@ class LoRAConfig:
             raise ValueError(f"bias must be 'none' (biases stay frozen), got {self.bias!r}")
         if self.adapter_dtype is not None and self.adapter_dtype not in DTYPES:
             raise ValueError(
-                f"adapter_dtype must be None (follow the base) or one of {list(DTYPES)}, "
+                f"adapter_dtype must be None (float32 on a 16-bit base, else the base's dtype) "
+                f"or one of {list(DTYPES)}, "
                 f"got {self.adapter_dtype!r}"
             )
         if self.sparse_grad not in ("exact", "straight_through"):
@@ -184,8 +187,23 @@ class LoRAConfig:
 
     @property
     def dtype(self) -> torch.dtype | None:
-        """The adapter parameters' dtype, or None to follow the base layer."""
+        """The adapter dtype asked for explicitly, or None for the default (:meth:`dtype_for`)."""
         return None if self.adapter_dtype is None else DTYPES[self.adapter_dtype]
+
+    def dtype_for(self, base: torch.dtype) -> torch.dtype:
+        """The adapter parameters' dtype on a base layer whose (dense) weight is ``base``.
+
+        ``adapter_dtype`` if given; else float32 for a 16-bit base: a bfloat16 master weight
+        loses every update smaller than half its spacing (2^-9 to 2^-8 of its value, so an AdamW
+        step of lr 1e-4 on |A| ~ 0.1 rounds away), while the fp32 copy is only r·(in + out)
+        numbers per layer (PEFT's ``autocast_adapter_dtype`` does the same). Other floating
+        bases keep their dtype (float32, float64); a non-float one gets float32.
+        """
+        if self.adapter_dtype is not None:
+            return DTYPES[self.adapter_dtype]
+        if base in (torch.bfloat16, torch.float16) or not base.is_floating_point:
+            return torch.float32
+        return base
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -253,6 +271,12 @@ class TrainConfig:
     prompt: Literal["auto", "chat", "plain"] = opt(
         "auto", "classification prompt: chat template, short plain prompt, or chat if there is one"
     )
+    label_names: tuple[str, ...] = opt(
+        (),
+        "classification: the class names for labels 0, 1, ... (CLI: negative,positive), asked for "
+        "in the prompt and answered; default: the data set's own names, else the label values",
+        parse=parse_list,
+    )
     max_steps: int = opt(100, "optimizer steps")
     batch_size: int = opt(16, "global batch, in examples (lm: windows of max_len tokens)")
     micro_batch_size: int = opt(0, "examples per forward pass (accumulation); 0: the whole batch")
@@ -290,6 +314,16 @@ class TrainConfig:
                 "full fine-tuning trains every weight, but a 4-bit weight has no gradient; "
                 "use an adapter method (lora, lora_fa, lors) with quantize, or quantize=none"
             )
+        if (
+            self.quantize != "none"
+            and self.adapter is not None
+            and self.adapter.init == "gradient_svd"
+        ):
+            raise ValueError(
+                "init gradient_svd needs a dense base: it takes every adapted weight's gradient, "
+                f"and a 4-bit weight has none; got quantize={self.quantize!r} (use init kaiming "
+                "or gaussian with quantize, or quantize=none)"
+            )
         if self.quantize != "none" and self.strategy == "fsdp":
             raise ValueError(
                 "FSDP2 cannot shard bitsandbytes' 4-bit weights (packed uint8 whose quant "
@@ -310,6 +344,12 @@ class TrainConfig:
                 f"micro_batch_size {micro} must divide batch_size {self.batch_size}; "
                 f"valid choices: {valid}"
             )
+        names = self.label_names
+        if isinstance(names, str) or not all(isinstance(n, str) and n.strip() for n in names):
+            raise ValueError(f"label_names must be a list of non-empty class names, got {names!r}")
+        if len(set(names)) != len(names):
+            raise ValueError(f"label_names must be distinct, got {list(names)}")
+        object.__setattr__(self, "label_names", tuple(names))
         if not 0 <= self.warmup < 1:
             raise ValueError(f"warmup is a fraction of max_steps in [0, 1), got {self.warmup}")
         try:
@@ -329,7 +369,8 @@ class TrainConfig:
         flat: dict[str, Any] = {}
         for f in dataclasses.fields(self):  # the adapter's keys where the adapter field is
             if f.name != "adapter":
-                flat[f.name] = getattr(self, f.name)
+                value = getattr(self, f.name)
+                flat[f.name] = list(value) if isinstance(value, tuple) else value
             else:
                 flat.update({"method": FULL} if self.adapter is None else self.adapter.to_dict())
         return flat

@@ -13,11 +13,11 @@ from pathlib import Path
 import torch
 
 from . import data
+from .classify import classification_prompt, classify
 from .config import TrainConfig
-from .evaluate import accuracy, classify
+from .evaluate import accuracy
 from .inject import merge
 from .models import load_model
-from .tasks import classification_prompt
 from .train import train
 
 # Chosen so the whole demo fits in ~5 minutes on 2 CPU cores (see README for the measured run).

@@ -14,54 +14,19 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
 
+from .classify import Classes, classes_for, classify, prompt_prefix_length
 from .config import TrainConfig
 from .constants import IGNORE_INDEX as IGNORE
 from .distributed import SINGLE, Context
-from .evaluate import (
-    accuracy,
-    classify,
-    label_token_ids,
-    left_pad,
-    nll,
-    shared_prefix,
-    to_device,
-    token_losses,
-)
-
-if TYPE_CHECKING:
-    from transformers import PreTrainedTokenizerBase
+from .evaluate import accuracy, left_pad, nll, to_device, token_losses
 
 # Classification heads that a sequence-classification model trains fully next to the adapter.
 HEADS = ("classifier", "score")
-
-
-def classification_prompt(
-    tokenizer: PreTrainedTokenizerBase, label_names: list[str], style: str = "auto"
-) -> tuple[str, list[str]]:
-    """A prompt template with a ``{text}`` slot and the label words that answer it.
-
-    ``style="chat"`` (``"auto"`` when the tokenizer has a chat template) wraps the question in the
-    chat template (label words without a leading space: the assistant turn starts a fresh line);
-    ``"plain"`` is a short ``... Answer:`` prompt with " word" labels (about 40 % fewer tokens for
-    SmolLM2, whose chat template adds a system prompt).
-    """
-    if style not in ("auto", "chat", "plain"):
-        raise ValueError(f"prompt style must be auto, chat or plain, got {style!r}")
-    question = (
-        f"Is this review {' or '.join(label_names)}? Answer with one word.\n\nReview: {{text}}"
-    )
-    chat = bool(getattr(tokenizer, "chat_template", None)) if style == "auto" else style == "chat"
-    if chat:
-        template = tokenizer.apply_chat_template(
-            [{"role": "user", "content": question}], add_generation_prompt=True, tokenize=False
-        )
-        return template, list(label_names)
-    return question + "\nAnswer:", [" " + n for n in label_names]
 
 
 @dataclass
@@ -73,8 +38,18 @@ class Prepared:
     val_records: list[dict[str, Any]]
     val_blocks: torch.Tensor | None = None
     val_examples: list[dict[str, list[int]]] | None = None  # sft / chat: validation loss
-    template: str | None = None
-    label_words: list[str] | None = None
+    classes: Classes | None = None  # classify / seq-cls: decided once, saved with the adapter
+    chat_template: str | None = None  # chat: the Jinja template the examples were rendered with
+
+    def spec(self) -> dict[str, Any]:
+        """How this run's inputs are encoded, for ``lorakit eval`` / ``generate`` to reuse (saved
+        with the adapter)."""
+        spec: dict[str, Any] = {"task": self.task}
+        if self.classes is not None:
+            spec["classes"] = self.classes.to_dict()
+        if self.chat_template is not None:
+            spec["chat_template"] = self.chat_template
+        return spec
 
 
 def is_causal_lm(model_name: str) -> bool:
@@ -115,37 +90,58 @@ def load_splits(cfg: TrainConfig) -> tuple[list[dict[str, Any]], list[dict[str, 
     return train, val
 
 
-def label_names(cfg: TrainConfig, records: list[dict[str, Any]]) -> list[str]:
+def run_classes(cfg: TrainConfig, records: list[dict[str, Any]], tokenizer=None) -> Classes:
+    """The run's classes (:func:`lorakit.classify.classes_for`): ``cfg.label_names``, else the
+    data's own names, else the training records' label values; with a tokenizer, the prompt and
+    answers of ``cfg.prompt``'s style."""
     from . import data
 
-    return data.label_names(cfg.data) or [str(v) for v in sorted({r["label"] for r in records})]
+    return classes_for(
+        records,
+        names=cfg.label_names,
+        data_names=data.label_names(cfg.data),
+        tokenizer=tokenizer,
+        style=cfg.prompt,
+    )
 
 
 def prepare_data(cfg: TrainConfig, tokenizer, task: str, train, val) -> Prepared:
     from . import data
 
     if task == "seq-cls":
+        classes = run_classes(cfg, train)
         enc = tokenizer([r["text"] for r in train], truncation=True, max_length=cfg.max_len)
         examples = [
-            {"input_ids": ids, "label": int(r["label"])}
-            for ids, r in zip(enc["input_ids"], train, strict=True)
+            {"input_ids": ids, "label": classes.index(r["label"], f"training record {i}")}
+            for i, (ids, r) in enumerate(zip(enc["input_ids"], train, strict=True))
         ]
-        return Prepared(task, examples, val)
+        return Prepared(task, examples, val, classes=classes)
     if task == "classify":
-        template, words = classification_prompt(tokenizer, label_names(cfg, train), cfg.prompt)
-        label_token_ids(tokenizer, words)  # fail now, not after training, on multi-token words
+        classes = run_classes(cfg, train, tokenizer)
         examples = data.encode_examples(
-            train, tokenizer, cfg.max_len, template=template, label_words=words
+            train,
+            tokenizer,
+            cfg.max_len,
+            template=classes.template,
+            label_words=list(classes.words),
+            label_index=classes.index,
         )
-        return Prepared(task, examples, val, template=template, label_words=words)
+        return Prepared(task, examples, val, classes=classes)
     if task in ("sft", "chat"):
+        jinja = data.chat_template(tokenizer, cfg.chat_template) if task == "chat" else None
 
         def encode(rs):
             if task == "sft":
                 return data.encode_examples(rs, tokenizer, cfg.max_len)
-            return data.encode_chats(rs, tokenizer, cfg.max_len, cfg.chat_template)
+            return data.encode_chats(rs, tokenizer, cfg.max_len, jinja)
 
-        return Prepared(task, encode(train), val, val_examples=encode(val) if val else None)
+        return Prepared(
+            task,
+            encode(train),
+            val,
+            val_examples=encode(val) if val else None,
+            chat_template=jinja if cfg.chat_template else None,
+        )
     blocks = data.lm_blocks(train, tokenizer, cfg.max_len)
     examples = [{"input_ids": b.tolist(), "labels": b.tolist()} for b in blocks]
     val_blocks = data.lm_blocks(val, tokenizer, cfg.max_len) if val else None
@@ -261,49 +257,68 @@ def pad_token_id(tokenizer) -> int:
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
 
+def eval_batch_size(cfg: TrainConfig, ctx: Context = SINGLE) -> int:
+    """Validation runs at the training micro-batch (per rank), so that it never holds more than
+    a training forward does at the same shape (what ``lorakit plan`` plans)."""
+    return cfg.micro_batch_size or max(cfg.batch_size // ctx.world, 1)
+
+
 def evaluate(
     model, tokenizer, prep: Prepared, cfg: TrainConfig, split_records=None, ctx: Context = SINGLE
 ) -> dict[str, float]:
-    """Validation metrics. Distributed: each rank evaluates a strided share (padded so every rank
-    runs the same forward passes) and the results are combined; every rank gets the metrics."""
+    """Validation metrics, at the training micro-batch. Distributed: each rank evaluates a
+    strided share (padded so every rank runs the same forward passes) and the results are
+    combined; every rank gets the metrics."""
     from .distributed import all_gather, all_sum, interleave, split_evenly
 
     records = split_records if split_records is not None else prep.val_records
     if cfg.eval_examples:
         records = records[: cfg.eval_examples]
+    batch = eval_batch_size(cfg, ctx)
 
     def predictions(fn) -> list[int]:
         mine, real = split_evenly(records, ctx)
         preds = fn(mine)[:real] if mine else []
         return interleave(all_gather(preds, ctx), len(records))
 
-    labels = [r["label"] for r in records] if records and "label" in records[0] else []
+    classes = prep.classes
+    if prep.task in ("seq-cls", "classify") and records:
+        labels = [
+            classes.index(r["label"], f"validation record {i}") for i, r in enumerate(records)
+        ]
     if prep.task == "seq-cls" and records:
-        preds = predictions(lambda rs: predict_classes(model, tokenizer, rs, cfg.max_len))
+        preds = predictions(lambda rs: predict_classes(model, tokenizer, rs, cfg.max_len, batch))
         return {"accuracy": accuracy(preds, labels)}
     if prep.task == "classify" and records:
-
-        def prompts(rs):
-            return [prep.template.replace("{text}", r["text"]) for r in rs]
-
+        words = classes.words
         # Every rank caches the whole set's shared prefix: the same forward passes everywhere.
-        shared = shared_prefix(tokenizer, prompts(records)) if ctx.enabled else None
+        shared = (
+            prompt_prefix_length(tokenizer, classes.prompts(records), words)
+            if ctx.enabled
+            else None
+        )
         preds = predictions(
             lambda rs: classify(
-                model, tokenizer, prompts(rs), prep.label_words, shared_prefix=shared
+                model,
+                tokenizer,
+                classes.prompts(rs),
+                words,
+                batch_size=batch,
+                shared_prefix=shared,
             )
         )
         return {"accuracy": accuracy(preds, labels)}
     if prep.val_examples and split_records is None:  # sft / chat: loss on the targets
         examples = prep.val_examples[: cfg.eval_examples or None]
         mine, real = split_evenly(examples, ctx)
-        total, count = example_nll(model, mine, real, pad_token_id(tokenizer)) if mine else (0, 0)
+        pad = pad_token_id(tokenizer)
+        total, count = example_nll(model, mine, real, pad, batch) if mine else (0, 0)
         total, count = all_sum([total, count], ctx)
         return {"loss": total / max(count, 1)}
     if prep.task == "lm" and prep.val_blocks is not None and split_records is None:
         blocks = list(prep.val_blocks[: cfg.eval_examples or None])
         mine, real = split_evenly(blocks, ctx)
-        total, count = nll(model, torch.stack(mine), real=real) if mine else (0.0, 0)
+        total, count = nll(model, torch.stack(mine), batch, real=real) if mine else (0.0, 0)
         total, count = all_sum([total, count], ctx)
         return {"perplexity": math.exp(total / max(count, 1))}
     return {}

@@ -23,6 +23,8 @@ from torch import nn
 
 from . import distributed as dist
 from .checkpoint import (
+    check_fingerprint,
+    data_fingerprint,
     find_checkpoint,
     load_trainer_state,
     load_weights,
@@ -43,13 +45,13 @@ from .tasks import (
     check_packing,
     collate,
     evaluate,
-    label_names,
     load_splits,
     make_batch,
     n_targets,
     pad_token_id,
     prepare_data,
     resolve_task,
+    run_classes,
 )
 
 __all__ = ["TrainConfig", "batch_indices", "find_checkpoint", "lr_lambda", "train"]
@@ -101,6 +103,7 @@ class Run:
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     params: list[nn.Parameter]
+    fingerprint: dict[str, Any] = field(default_factory=dict)
     step: int = 0
     rows: list[dict[str, Any]] = field(default_factory=list)
     tokens_seen: int = 0
@@ -135,8 +138,10 @@ def _load(cfg: TrainConfig, task: str, train_records: list[dict[str, Any]]):
         kw["keep_pattern"] = cfg.adapter is not None and cfg.adapter.capabilities.sparse_base
     if task != "seq-cls":
         return load_model(cfg.model, **kw)
-    names = label_names(cfg, train_records)
-    return load_model(cfg.model, task="sequence-classification", num_labels=len(names), **kw)
+    classes = run_classes(cfg, train_records)
+    return load_model(
+        cfg.model, task="sequence-classification", num_labels=len(classes.values), **kw
+    )
 
 
 def _adapt(model: nn.Module, cfg: TrainConfig, task: str, ctx: Context, place=True) -> None:
@@ -201,7 +206,12 @@ def setup(
         check_packing(model)
     if cfg.adapter is not None and cfg.adapter.init == "gradient_svd" and checkpoint is None:
         _gradient_svd_init(model, cfg, prep, tokenizer)
+    fingerprint = data_fingerprint(
+        cfg, tokenizer, prep.spec(), train_records, val_records, prep.train
+    )
     meta = load_weights(checkpoint, model, cfg) if checkpoint else None
+    if meta is not None:
+        check_fingerprint(meta.get("fingerprint"), fingerprint)
     base_model = model
     if ctx.enabled:
         model = dist.wrap(model, cfg.strategy, ctx)  # after loading: FSDP shards in place
@@ -210,7 +220,17 @@ def setup(
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
     run = Run(
-        cfg, ctx, Path(cfg.output), model, base_model, tokenizer, prep, optimizer, scheduler, params
+        cfg,
+        ctx,
+        Path(cfg.output),
+        model,
+        base_model,
+        tokenizer,
+        prep,
+        optimizer,
+        scheduler,
+        params,
+        fingerprint,
     )
     if checkpoint:
         run.step = load_trainer_state(checkpoint, meta, optimizer, scheduler, cfg, ctx)
@@ -293,6 +313,7 @@ def _checkpoint(run: Run) -> None:
         run.cfg,
         run.step,
         run.ctx,
+        run.fingerprint,
     )
 
 
@@ -353,7 +374,7 @@ def finish(run: Run, elapsed: float) -> dict[str, Any]:
     final = _evaluate(run)
     if run.rows:
         run.rows[-1].update({f"val_{k}": v for k, v in final.items()})
-    _save_result(run.base_model, run.tokenizer, cfg, out, ctx)
+    _save_result(run.base_model, run.tokenizer, cfg, out, ctx, run.prep.spec())
     trainable, total = count_parameters(run.base_model)
     summary = {
         "method": cfg.method,
@@ -382,15 +403,26 @@ def finish(run: Run, elapsed: float) -> dict[str, Any]:
     }
 
 
-def _save_result(model, tokenizer, cfg: TrainConfig, out: Path, ctx: Context) -> None:
-    """The trained adapter (or full model) under ``out``; gathered on every rank, written once."""
+def _save_result(
+    model, tokenizer, cfg: TrainConfig, out: Path, ctx: Context, spec: dict[str, Any]
+) -> None:
+    """The trained adapter (or full model) under ``out``, with the run's input encoding
+    (``spec``: task, classes, chat template) in the adapter's metadata (``lorakit_task``, which
+    ``lorakit eval`` and ``generate`` read; PEFT ignores it) and in ``out/task.json``; gathered
+    on every rank, written once."""
     from .adapters import adapter_payload, write_adapter
     from .distributed import full
+    from .fileio import atomic_write
 
+    text = json.dumps(spec, indent=2)
+    if ctx.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write(out / "task.json", lambda f: Path(f).write_text(text))
     if cfg.method != "full":
-        payload = adapter_payload(model)
+        tensors, config, metadata = adapter_payload(model)
+        metadata = {**metadata, "lorakit_task": json.dumps(spec)}
         if ctx.is_main:
-            write_adapter(out / "adapter", payload)
+            write_adapter(out / "adapter", (tensors, config, metadata))
         return
     if ctx.enabled:  # FSDP shards: gather each tensor whole into a state dict first
         state = {k: full(v).cpu() for k, v in model.state_dict().items()}

@@ -46,9 +46,9 @@ from .builtin import (
     shakespeare,
     split_indices,
 )
-from .chat import encode_chats
+from .chat import chat_template, encode_chats
 from .encode import encode_examples, lm_blocks
-from .readers import load_hub, load_local, looks_like_path
+from .readers import HUB_CLASS_NAMES, load_hub, load_local, looks_like_path
 from .schema import SPLITS, Record, check_split
 
 __all__ = [
@@ -59,6 +59,7 @@ __all__ = [
     "SHAKESPEARE_DIALOGUE",
     "SPLITS",
     "Record",
+    "chat_template",
     "encode_chats",
     "encode_examples",
     "label_names",
@@ -108,5 +109,9 @@ def load_records(source: str | os.PathLike, split: str = "train") -> list[Record
 
 
 def label_names(source: str | os.PathLike) -> list[str] | None:
-    """Class names of a labelled built-in dataset (``None`` for every other source)."""
-    return list(RT_LABELS) if os.fspath(source) == ROTTEN_TOMATOES else None
+    """Class names of a labelled data set for labels 0, 1, ...: a built-in's, or a hub data
+    set's ``ClassLabel`` names (once :func:`load_records` has loaded it); ``None`` otherwise."""
+    name = os.fspath(source)
+    if name == ROTTEN_TOMATOES:
+        return list(RT_LABELS)
+    return HUB_CLASS_NAMES.get(name)

@@ -6,9 +6,11 @@ prompt (``P_i``) and up to and including it (``F_i``); the turn's characters are
 ``F_i[len(P_i):]`` (its content and the template's end-of-turn marker, which is what teaches the
 model to stop). Every ``F_i`` must be a prefix of the whole rendering and ``P_i`` of ``F_i``, which
 is checked per conversation (a template that re-renders earlier turns differently is refused by
-name). The whole conversation is then tokenized once, with offsets, and a token is a target when
-it starts inside an assistant span. Templates with ``{% generation %}`` markers get the same spans
-from transformers' ``return_assistant_tokens_mask`` instead.
+name). The whole conversation is then encoded once, and each turn's tokens are found by
+comparing it with the encodings of ``P_i`` and ``F_i`` (:func:`encode_conversation`): exact for
+any tokenizer, a token that straddles the start of an answer belongs to the answer. Templates
+with ``{% generation %}`` markers get their spans from transformers'
+``return_assistant_tokens_mask`` instead.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from ..constants import IGNORE_INDEX
+from .tokens import common_prefix, encode_texts, with_bos
 
 ROLES = ("system", "user", "assistant")
 
@@ -50,8 +53,14 @@ def chat_template(tokenizer: Any, template: str | None = None) -> str:
     """The Jinja chat template to render with: ``template`` (a file path or the text itself) or
     the tokenizer's own; an error when there is neither."""
     if template:
+        if "{" in template or "\n" in template:  # the template's text itself
+            return template
         path = Path(template).expanduser()
-        return path.read_text() if path.is_file() else template
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"chat template {template!r} is neither a file nor a Jinja template's text"
+            )
+        return path.read_text()
     own = getattr(tokenizer, "chat_template", None)
     if not own:
         raise ValueError(
@@ -69,9 +78,10 @@ def _render(tokenizer, template: str, messages, generation: bool = False) -> str
 
 def assistant_spans(
     tokenizer: Any, template: str, messages: list[dict[str, str]], first: int = 0
-) -> tuple[str, list[tuple[int, int]]]:
-    """The rendered conversation and the character span of every assistant turn from message
-    ``first`` on (earlier ones, e.g. a prompt's few-shot answers, carry no loss)."""
+) -> tuple[str, list[tuple[str, str]]]:
+    """The rendered conversation and, for every assistant turn from message ``first`` on
+    (earlier ones, e.g. a prompt's few-shot answers, carry no loss), the rendered text before
+    it (with the generation prompt) and up to its end (its end-of-turn marker included)."""
     text = _render(tokenizer, template, messages)
     spans = []
     for i, m in enumerate(messages):
@@ -85,42 +95,53 @@ def assistant_spans(
                 f"{i} changes what comes before it), so assistant tokens cannot be found exactly; "
                 "use a template that appends each turn, or one with {% generation %} markers"
             )
-        spans.append((len(before), len(upto)))
+        spans.append((before, upto))
     return text, spans
 
 
 def encode_conversation(
     tokenizer: Any, template: str, messages: list[dict[str, str]], first: int = 0
 ) -> dict[str, list[int]]:
-    """``{"input_ids", "labels"}`` of one conversation; labels -100 outside assistant turns."""
+    """``{"input_ids", "labels"}`` of one conversation; labels -100 outside assistant turns.
+
+    The conversation is encoded once (:func:`lorakit.data.tokens.encode_texts`: the bos token
+    once, whether or not the template renders it). An assistant turn's tokens run from the first
+    token where the encoding of the text before it stops agreeing with the whole (so a token
+    straddling the start, such as ``" Hello"`` after a generation prompt ending in a space,
+    belongs to the answer) to the last token of the encoding up to its end that agrees.
+    """
     if "{% generation %}" in template or "{%- generation %}" in template:
-        out = tokenizer.apply_chat_template(
-            messages,
-            chat_template=template,
-            return_dict=True,
-            return_assistant_tokens_mask=True,
-        )
-        ids, mask = list(out["input_ids"]), list(out["assistant_masks"])
-        if first:  # the prompt's assistant turns carry no loss
-            prompt = tokenizer.apply_chat_template(
-                messages[:first], chat_template=template, return_dict=True
-            )
-            mask[: len(prompt["input_ids"])] = [0] * len(prompt["input_ids"])
-        return {
-            "input_ids": ids,
-            "labels": [t if k else IGNORE_INDEX for t, k in zip(ids, mask, strict=True)],
-        }
+        return _encode_with_markers(tokenizer, template, messages, first)
     text, spans = assistant_spans(tokenizer, template, messages, first)
-    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    ids = list(enc["input_ids"])
+    parts = encode_texts(tokenizer, [text] + [t for span in spans for t in span])
+    ids = parts[0]
     labels = [IGNORE_INDEX] * len(ids)
-    k = 0
-    for j, (start, _) in enumerate(enc["offset_mapping"]):
-        while k < len(spans) and start >= spans[k][1]:
-            k += 1
-        if k < len(spans) and spans[k][0] <= start < spans[k][1]:
-            labels[j] = ids[j]
+    for k in range(len(spans)):
+        start = common_prefix(ids, parts[1 + 2 * k])
+        end = common_prefix(ids, parts[2 + 2 * k])
+        labels[start:end] = ids[start:end]
     return {"input_ids": ids, "labels": labels}
+
+
+def _encode_with_markers(
+    tokenizer: Any, template: str, messages: list[dict[str, str]], first: int
+) -> dict[str, list[int]]:
+    """Assistant tokens from transformers' ``return_assistant_tokens_mask`` ({% generation %})."""
+    out = tokenizer.apply_chat_template(
+        messages, chat_template=template, return_dict=True, return_assistant_tokens_mask=True
+    )
+    ids, mask = list(out["input_ids"]), list(out["assistant_masks"])
+    if first:  # the prompt's assistant turns carry no loss
+        prompt = tokenizer.apply_chat_template(
+            messages[:first], chat_template=template, return_dict=True
+        )
+        mask[: len(prompt["input_ids"])] = [0] * len(prompt["input_ids"])
+    full = with_bos(tokenizer, ids)
+    mask = [0] * (len(full) - len(ids)) + mask
+    return {
+        "input_ids": full,
+        "labels": [t if k else IGNORE_INDEX for t, k in zip(full, mask, strict=True)],
+    }
 
 
 def _fit(example: dict[str, list[int]], max_len: int) -> dict[str, list[int]] | None:

@@ -3,19 +3,22 @@
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
 from ..constants import IGNORE_INDEX
 from .schema import Record, validate_record
+from .tokens import common_prefix, encode_texts, leading_bos
 
 
 def lm_blocks(records: list[Record], tokenizer: Any, seq_len: int) -> torch.Tensor:
     """Cut the records' token stream into language-modelling windows.
 
-    Every record's text (prompt + completion for that form) is tokenized without special tokens,
-    the documents are joined with the tokenizer's eos token id between them, and the stream is cut
+    Every record's text (prompt + completion for that form) is encoded as :func:`encode_text`
+    encodes it (the bos token first when the tokenizer's own encoding starts with one), the
+    documents are joined with the tokenizer's eos token id between them, and the stream is cut
     into non-overlapping windows of ``seq_len`` tokens; the ragged tail is dropped.
 
     Args:
@@ -40,7 +43,7 @@ def lm_blocks(records: list[Record], tokenizer: Any, seq_len: int) -> torch.Tens
         _, form = validate_record(record, f"record {i}")
         texts.append(record["prompt"] + record["completion"] if form == "sft" else record["text"])
     stream: list[int] = []
-    for i, ids in enumerate(_tokenize(tokenizer, texts)):
+    for i, ids in enumerate(encode_texts(tokenizer, texts)):
         if i:
             stream.append(eos)
         stream.extend(ids)
@@ -60,64 +63,63 @@ def encode_examples(
     *,
     template: str | None = None,
     label_words: list[str] | None = None,
+    label_index: Callable[[int, str], int] | None = None,
 ) -> list[dict[str, list[int]]]:
     """Tokenize supervised examples with the loss on completion tokens only.
 
     Each example is ``{"input_ids": [...], "labels": [...]}``, labels ``-100`` on prompt tokens:
 
-    - ``prompt``/``completion`` records: prompt tokens + completion tokens;
+    - ``prompt``/``completion`` records: prompt + completion + the eos token (unless the
+      completion already ends with it), so that the model learns to stop;
     - ``text``/``label`` records (need ``template`` and ``label_words``): the prompt is ``template``
       with ``{text}`` replaced by the text (plain replacement, so other braces are kept as they
-      are, exactly as the CLI's evaluation builds prompts), the completion is
-      ``label_words[label]`` (e.g. ``" positive"``);
+      are), the completion is the label's word (e.g. ``" positive"``); no eos (classification
+      scores the label word alone, :func:`lorakit.evaluate.classify`, on exactly these tokens);
     - ``text`` records: labels equal input_ids (loss on every token).
 
-    Prompt and completion are tokenized separately (no special tokens) and concatenated, so the
-    boundary is exact; the bos token is put first only when the tokenizer's own encoding adds it.
-    An example longer than ``max_len`` loses prompt tokens from the left so the completion stays;
-    a completion (or plain text) longer than that is cut on the right. One warning reports how
-    many examples were truncated. No eos token is appended.
+    Prompt and completion are split by :func:`encode_pairs`: the whole text is tokenized once and
+    a token that straddles the boundary belongs to the completion. The bos token is decided by
+    :func:`encode_text`'s rule (never twice). An example longer than ``max_len`` loses prompt
+    tokens from the left (after bos) so the completion stays; a completion (or plain text) longer
+    than that is cut on the right. One warning reports how many examples were truncated.
 
     Args:
         records: records in one of the three forms.
         tokenizer: a Hugging Face tokenizer.
         max_len: the most tokens per example, bos included.
         template: the classification prompt, containing ``{text}``.
-        label_words: the completion for each label id.
+        label_words: the completion for each class index.
+        label_index: maps a record's label (and where it is, for errors) to its class index;
+            default: the label itself, which must be in ``0..len(label_words) - 1``.
 
     Returns:
         One dict per record, in order.
     """
     _check_encode_args(max_len, template, label_words)
-    bos = _bos_prefix(tokenizer)
-    if max_len <= len(bos):
-        raise ValueError(f"max_len={max_len} leaves no room after the bos token")
     prompts, completions, plain = [], [], []  # plain: loss on every token (prompt "")
+    eos_after = []
     for i, record in enumerate(records):
-        prompt, completion, is_plain = _split_record(record, f"record {i}", template, label_words)
+        prompt, completion, form = _split_record(
+            record, f"record {i}", template, label_words, label_index
+        )
         prompts.append(prompt)
         completions.append(completion)
-        plain.append(is_plain)
-
-    # Batch calls are much faster than one call per record with fast tokenizers.
-    prompt_ids = _tokenize(tokenizer, prompts)
-    completion_ids = _tokenize(tokenizer, completions)
-    room = max_len - len(bos)
-    examples: list[dict[str, list[int]]] = []
-    truncated = 0
-    for i, (p, c) in enumerate(zip(prompt_ids, completion_ids, strict=True)):
-        if not c:
-            raise ValueError(
-                f"record {i}: the completion {completions[i]!r} gives no tokens, so the example "
-                "would have nothing to learn"
-            )
-        if len(p) + len(c) > room:
-            truncated += 1
-            c = c[:room]
-            p = p[len(p) - (room - len(c)) :] if room > len(c) else []
-        ids = bos + p + c
-        labels = ids.copy() if plain[i] else [IGNORE_INDEX] * (len(bos) + len(p)) + c
-        examples.append({"input_ids": ids, "labels": labels})
+        plain.append(form == "text")
+        eos_after.append(form == "sft")
+    pairs = encode_pairs(tokenizer, prompts, completions)
+    eos = tokenizer.eos_token_id
+    if any(eos_after) and eos is None:
+        warnings.warn(
+            "the tokenizer has no eos token, so completions get none: the model will not learn "
+            "to stop",
+            stacklevel=2,
+        )
+    examples = [
+        _example(tokenizer, p, c, max_len, plain[i], eos_after[i] and eos is not None)
+        for i, (p, c) in enumerate(pairs)
+    ]
+    truncated = sum(cut for _, cut in examples)
+    examples = [e for e, _ in examples]
     if truncated:
         warnings.warn(
             f"{truncated} of {len(examples)} examples were longer than max_len={max_len} and were "
@@ -126,6 +128,26 @@ def encode_examples(
             stacklevel=2,
         )
     return examples
+
+
+def _example(
+    tokenizer: Any, p: list[int], c: list[int], max_len: int, plain: bool, eos: bool
+) -> tuple[dict[str, list[int]], bool]:
+    """One example from its prompt and completion ids, and whether it was truncated."""
+    if eos and c[-1:] != [tokenizer.eos_token_id]:
+        c = [*c, tokenizer.eos_token_id]
+    bos = leading_bos(tokenizer, p)
+    p = p[len(bos) :]
+    room = max_len - len(bos)
+    if room < 1:
+        raise ValueError(f"max_len={max_len} leaves no room after the bos token")
+    cut = len(p) + len(c) > room
+    if cut:
+        c = c[:room]
+        p = p[len(p) - (room - len(c)) :] if room > len(c) else []
+    ids = bos + p + c
+    labels = ids.copy() if plain else [IGNORE_INDEX] * (len(bos) + len(p)) + c
+    return {"input_ids": ids, "labels": labels}, cut
 
 
 def _check_encode_args(max_len: int, template: str | None, label_words: list[str] | None) -> None:
@@ -147,38 +169,53 @@ def _check_encode_args(max_len: int, template: str | None, label_words: list[str
 
 
 def _split_record(
-    record: Record, where: str, template: str | None, label_words: list[str] | None
-) -> tuple[str, str, bool]:
-    """(prompt, completion, loss on every token) of one record."""
+    record: Record,
+    where: str,
+    template: str | None,
+    label_words: list[str] | None,
+    label_index: Callable[[int, str], int] | None,
+) -> tuple[str, str, str]:
+    """(prompt, completion, form) of one record."""
     _, form = validate_record(record, where)
     if form == "sft":
-        return record["prompt"], record["completion"], False
+        return record["prompt"], record["completion"], form
     if form != "labelled":
-        return "", record["text"], True
+        return "", record["text"], form
     if template is None or label_words is None:
         raise ValueError(
             f"{where} has a label; pass template= and label_words= to train it as "
             "classification, or drop the 'label' key to train on the text"
         )
     label = record["label"]
-    if not 0 <= label < len(label_words):
+    index = label_index(label, where) if label_index else label
+    if not 0 <= index < len(label_words):
         raise ValueError(
             f"{where} has label {label}, but label_words has {len(label_words)} entries "
             f"(allowed labels 0..{len(label_words) - 1})"
         )
-    return template.replace("{text}", record["text"]), label_words[label], False
+    return template.replace("{text}", record["text"]), label_words[index], form
 
 
-def _tokenize(tokenizer: Any, texts: list[str]) -> list[list[int]]:
-    if not texts:
-        return []
-    # verbose=False: long documents are meant to exceed model_max_length here (they are cut later).
-    return list(tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"])
+def encode_pairs(
+    tokenizer: Any, prompts: list[str], completions: list[str]
+) -> list[tuple[list[int], list[int]]]:
+    """(prompt ids, completion ids) of each ``prompt + completion``, tokenized as one text.
 
-
-def _bos_prefix(tokenizer: Any) -> list[int]:
-    """``[bos_token_id]`` when the tokenizer's default encoding starts with it, else ``[]``."""
-    bos = tokenizer.bos_token_id
-    if bos is None:
-        return []
-    return [bos] if tokenizer("a")["input_ids"][:1] == [bos] else []
+    The split is where the tokens of the prompt alone stop agreeing with those of the whole text:
+    a token that straddles the boundary (``" Hello"`` after a prompt ending in ``"Answer:"`` +
+    ``" "``, or a SentencePiece ``"▁positive"``) belongs to the completion. So the completion is
+    tokenized as it appears after its prompt, never with a spurious leading token of its own,
+    and the two parts concatenate to exactly the whole text's tokens (bos by :func:`with_bos`).
+    """
+    whole = encode_texts(tokenizer, [p + c for p, c in zip(prompts, completions, strict=True)])
+    alone = encode_texts(tokenizer, prompts)
+    pairs = []
+    for i, (ids, prompt_ids) in enumerate(zip(whole, alone, strict=True)):
+        n = common_prefix(ids, prompt_ids)
+        if n == len(ids):
+            raise ValueError(
+                f"record {i}: the completion {completions[i]!r} gives no tokens, so the example "
+                "would have nothing to learn"
+            )
+        pairs.append((ids[:n], ids[n:]))
+    return pairs

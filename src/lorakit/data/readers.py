@@ -104,6 +104,10 @@ def _read_csv(path: Path, text: str) -> list[Record]:
     return non_empty(records, f"{str(path)!r}")
 
 
+# Class names of the hub datasets loaded in this process (a ``ClassLabel`` column's), by name.
+HUB_CLASS_NAMES: dict[str, list[str]] = {}
+
+
 def load_hub(name: str, split: str) -> list[Record]:
     try:
         import datasets
@@ -114,6 +118,9 @@ def load_hub(name: str, split: str) -> list[Record]:
         ) from None
     table = datasets.load_dataset(name, split=split)
     columns = list(table.column_names)
+    names = getattr(table.features.get("label"), "names", None)  # a ClassLabel's class names
+    if names:
+        HUB_CLASS_NAMES[name] = list(names)
     if not ({"text"} <= set(columns) or {"prompt", "completion"} <= set(columns)):
         raise ValueError(
             f"hub dataset {name!r} needs a 'text' column (optionally 'label') or 'prompt' and "
