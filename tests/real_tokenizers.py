@@ -19,6 +19,7 @@ import tempfile
 from pathlib import Path
 
 from lorakit.data.builtin import _sha256
+from lorakit.fileio import atomic_folder
 
 PIN = "llama-cpp-python==0.3.36"
 SDIST = "llama_cpp_python-0.3.36.tar.gz"
@@ -69,9 +70,7 @@ def folder(name: str) -> Path:
     archive = sdist()
     if _sha256(archive) != SDIST_SHA256:
         raise RuntimeError(f"{archive} does not have the pinned sha256 {SDIST_SHA256}")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{name}-"))
-    try:
+    with atomic_folder(target) as tmp:  # a half-written folder is never seen
         gguf = tmp / "vocab.gguf"
         with tarfile.open(archive) as tar, gguf.open("wb") as out:
             shutil.copyfileobj(tar.extractfile(MEMBER.format(name)), out)
@@ -80,11 +79,6 @@ def folder(name: str) -> Path:
         tok = AutoTokenizer.from_pretrained(tmp, gguf_file=gguf.name)
         gguf.unlink()
         tok.save_pretrained(tmp)
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)  # atomic: a half-written folder is never seen
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .constants import IGNORE_INDEX as IGNORE
+from .data.tokens import common_prefix
 from .fake import is_fake
 
 
@@ -195,14 +196,8 @@ def common_prefix_length(seqs: list[list[int]]) -> int:
     its own (what :func:`tail_logits` runs once and caches)."""
     if len(seqs) < 2:
         return 0
-    n = min(len(s) for s in seqs) - 1
-    first = seqs[0]
-    for s in seqs[1:]:
-        i = 0
-        while i < n and s[i] == first[i]:
-            i += 1
-        n = i
-    return max(n, 0)
+    own = min(len(s) for s in seqs) - 1
+    return max(min(own, *(common_prefix(seqs[0], s) for s in seqs[1:])), 0)
 
 
 @torch.no_grad()

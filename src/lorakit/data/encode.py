@@ -208,10 +208,11 @@ def encode_pairs(
     and the two parts concatenate to exactly the whole text's tokens (bos by :func:`with_bos`).
     """
     whole = encode_texts(tokenizer, [p + c for p, c in zip(prompts, completions, strict=True)])
-    alone = encode_texts(tokenizer, prompts)
+    distinct = list(dict.fromkeys(prompts))  # a prompt asked with K answers is encoded once
+    alone = dict(zip(distinct, encode_texts(tokenizer, distinct), strict=True))
     pairs = []
-    for i, (ids, prompt_ids) in enumerate(zip(whole, alone, strict=True)):
-        n = common_prefix(ids, prompt_ids)
+    for i, (ids, prompt) in enumerate(zip(whole, prompts, strict=True)):
+        n = common_prefix(ids, alone[prompt])
         if n == len(ids):
             raise ValueError(
                 f"record {i}: the completion {completions[i]!r} gives no tokens, so the example "
