@@ -230,7 +230,6 @@ PEFT_VARIANTS = {
     "use_qalora": True,
     "layer_replication": [[0, 1]],
     "trainable_token_indices": [3],
-    "target_parameters": ["w"],
     "megatron_config": {"tp": 2},
     "lora_ga_config": {"direction": "ArBr"},
     "some_future_variant": True,

@@ -23,12 +23,15 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import experts
 from .bitmask import unpack_mask
 from .config import LoRAConfig
+from .experts import AdaptedExperts
 from .fileio import atomic_write
 from .inject import (
     active_adapter,
     adapted_layers,
+    adapted_modules,
     add_adapter,
     freeze_base,
     modules_to_save,
@@ -53,8 +56,36 @@ def _peft_key(path: str, layer: AdaptedLayer, which: str) -> str:
     return f"{PREFIX}{path}.lora_{which}.weight"
 
 
+def adapter_tensors(model: nn.Module, name: str) -> dict[str, nn.Module]:
+    """Path -> the module holding adapter ``name``'s ``lora_A`` / ``lora_B``: one per adapted
+    layer, one per adapted MoE expert tensor (path ``<experts module>.<tensor>``)."""
+    found: dict[str, nn.Module] = {}
+    for p, module in adapted_modules(model):
+        if name not in module.adapters:
+            continue
+        if isinstance(module, AdaptedExperts):
+            found.update({f"{p}.{t}": a for t, a in module.adapters[name].items()})
+        else:
+            found[p] = module.adapters[name]
+    return found
+
+
+def _target_parameters(model: nn.Module, paths: list[str]) -> list[str] | None:
+    """PEFT ``target_parameters`` selecting exactly the expert tensors ``paths``: their last two
+    names (``experts.down_proj``) when those select no others, else the full paths."""
+    if not paths:
+        return None
+    every = experts.expert_tensor_paths(model)
+    short = sorted({".".join(p.split(".")[-2:]) for p in paths})
+    if {p for p in every if any(p.endswith("." + s) for s in short)} == set(paths):
+        return short
+    return sorted(paths)
+
+
 def _target_modules(model: nn.Module, paths: list[str]) -> list[str] | str:
     """PEFT ``target_modules`` selecting exactly ``paths``: leaf names if they do, else a regex."""
+    if not paths:
+        return []
     leaves = sorted({p.rsplit(".", 1)[-1] for p in paths})
     selected = {
         p
@@ -101,16 +132,21 @@ def adapter_payload(
     Under FSDP every rank must call this (sharded tensors are gathered); one rank writes.
     """
     name = name or active_adapter(model)
-    layers = [(p, layer) for p, layer in adapted_layers(model) if name in layer.adapters]
-    if name is None or not layers:
+    found = adapter_tensors(model, name) if name is not None else {}
+    if not found:
         raise ValueError(f"the model has no adapter named {name!r} to save")
+    layers = [(p, layer) for p, layer in adapted_layers(model) if name in layer.adapters]
+    tensor_paths = [p for p in found if p not in dict(layers)]
     tensors: dict[str, torch.Tensor] = {}
-    configs: dict[str, LoRAConfig] = {}
+    configs = {p: adapter.config for p, adapter in found.items()}
     for p, layer in layers:
-        adapter = layer.adapters[name]
-        configs[p] = adapter.config
         for which in ("A", "B"):
-            tensors[_peft_key(p, layer, which)] = _whole(getattr(adapter, f"lora_{which}"))
+            tensors[_peft_key(p, layer, which)] = _whole(
+                getattr(layer.adapters[name], f"lora_{which}")
+            )
+    for p, (A, B) in _expert_entries(model, tensor_paths, found).items():
+        tensors[f"{PREFIX}{p}.lora_A.weight"] = _whole(A)
+        tensors[f"{PREFIX}{p}.lora_B.weight"] = _whole(B)
 
     first = next(iter(configs.values()))
     for mpath, module in modules_to_save(model, first.modules_to_save).items():
@@ -131,6 +167,7 @@ def adapter_payload(
         "lora_alpha": alpha,
         "lora_dropout": first.dropout,
         "target_modules": _target_modules(model, [p for p, _ in layers]),
+        "target_parameters": _target_parameters(model, tensor_paths),
         "bias": "none",
         "use_rslora": first.use_rslora,
         "fan_in_fan_out": any(layer.kind == "conv1d" for _, layer in layers),
@@ -165,6 +202,19 @@ def adapter_payload(
     return tensors, config, metadata
 
 
+def _expert_entries(
+    model: nn.Module, paths: list[str], found: dict[str, nn.Module]
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """PEFT's key path (``<experts>.base_layer...``) -> its (lora_A, lora_B) for expert tensors."""
+    out = {}
+    for p in paths:
+        mpath, tensor = experts.split_path(p)
+        module = model.get_submodule(mpath)
+        depth = experts.peft_depths(module, [t for t in module.params if f"{mpath}.{t}" in found])
+        out[mpath + ".base_layer" * depth[tensor]] = experts.to_peft(found[p])
+    return out
+
+
 def write_adapter(
     path: str | os.PathLike, payload: tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, str]]
 ) -> Path:
@@ -183,23 +233,48 @@ def write_adapter(
 def copy_adapter_weights(
     model: nn.Module, found: dict[str, dict[str, torch.Tensor]], name: str
 ) -> None:
-    """Copy A/B tensors into adapter ``name`` of an injected model; the layer sets must match."""
-    layers = {p: layer for p, layer in adapted_layers(model) if name in layer.adapters}
+    """Copy A/B tensors into adapter ``name`` of an injected model; the layer sets must match.
+
+    Expert tensors' A / B may come in PEFT's (r·E, in) / (out, r·E) layout or lorakit's
+    (E, r, in) / (E, out, r)."""
+    layers = adapter_tensors(model, name)
     if set(layers) != set(found):
         missing, extra = sorted(set(layers) - set(found)), sorted(set(found) - set(layers))
         raise ValueError(
             f"adapter layers differ from the model's: missing {missing}, unexpected {extra}"
         )
     with torch.no_grad():
-        for p, layer in layers.items():
-            adapter = layer.adapters[name]
-            for which in ("A", "B"):
-                dst, src = getattr(adapter, f"lora_{which}"), found[p][which]
+        for p, adapter in layers.items():
+            pair = (found[p]["A"], found[p]["B"])
+            if adapter.lora_A.dim() == 3 and pair[0].dim() == 2:
+                pair = experts.from_peft(*pair, adapter.lora_A.shape[0])
+            for which, src in zip("AB", pair, strict=True):
+                dst = getattr(adapter, f"lora_{which}")
                 if dst.shape != src.shape:
                     raise ValueError(
                         f"lora_{which} of {p}: saved {tuple(src.shape)}, model {tuple(dst.shape)}"
                     )
                 dst.copy_(src)
+
+
+def _resolve_experts(model: nn.Module, file: AdapterFile) -> None:
+    """Rename PEFT's expert keys (``<experts>.base_layer...``) to the tensors they adapt."""
+    targets = file.config.get("target_parameters") or []
+    tensors = experts.expert_tensor_paths(model)
+    for t in targets:
+        if not any(p == t or p.endswith("." + t) for p in tensors):
+            raise ValueError(
+                f"adapter_config.json: target_parameters entry {t!r} selects no MoE expert tensor "
+                f"of {type(model).__name__}; lorakit adapts fused expert tensors "
+                f"({', '.join(experts.EXPERT_PARAMS)}) through target_parameters, found "
+                f"{sorted({'.'.join(p.split('.')[-2:]) for p in tensors}) or 'none'}"
+            )
+    for key_path in list(file.weights):
+        tensor = experts.peft_tensor_path(model, key_path, targets)
+        if tensor is not None:
+            file.weights[tensor] = file.weights.pop(key_path)
+            file.kinds[tensor] = "experts"
+            del file.kinds[key_path]
 
 
 def _base_config(model: nn.Module, file: AdapterFile) -> LoRAConfig:
@@ -227,6 +302,8 @@ def _base_config(model: nn.Module, file: AdapterFile) -> LoRAConfig:
 
 def _check_layer(model: nn.Module, file: AdapterFile, p: str, name: str) -> int:
     """Check that module ``p`` can take the file's A / B; returns the rank."""
+    if file.kinds[p] == "experts":
+        return _check_experts(model, file, p, name)
     try:
         module = model.get_submodule(p)
     except AttributeError:
@@ -263,6 +340,24 @@ def _check_layer(model: nn.Module, file: AdapterFile, p: str, name: str) -> int:
                 f"this LoRS adapter was trained on a differently pruned model: the zero pattern "
                 f"of {p} ({int((~kept).sum())} zeros) does not match the adapter's"
             )
+    return r
+
+
+def _check_experts(model: nn.Module, file: AdapterFile, p: str, name: str) -> int:
+    mpath, tensor = experts.split_path(p)
+    module = model.get_submodule(mpath)
+    if isinstance(module, AdaptedExperts) and name in module.adapters:
+        raise ValueError(f"{mpath} already has an adapter named {name!r}")
+    e, n_in, n_out = experts.tensor_shape(module, tensor)
+    A, B = file.weights[p]["A"], file.weights[p]["B"]
+    r = A.shape[0] // e if A.dim() == 2 else A.shape[1]
+    fits = (A.shape, B.shape) in {((r * e, n_in), (n_out, r * e)), ((e, r, n_in), (e, n_out, r))}
+    if r < 1 or not fits:
+        raise ValueError(
+            f"adapter shapes do not fit the MoE expert tensor {p} ({e} experts, in {n_in}, out "
+            f"{n_out}): lora_A {tuple(A.shape)} and lora_B {tuple(B.shape)}; PEFT's layout is "
+            f"(r·{e}, {n_in}) and ({n_out}, r·{e})"
+        )
     return r
 
 
@@ -310,6 +405,7 @@ def load_adapter(
     """
     folder = Path(path)
     file = read_adapter(folder)
+    _resolve_experts(model, file)
     base = _base_config(model, file)
     configs: dict[str, LoRAConfig] = {}
     for p in sorted(file.weights):
@@ -332,6 +428,6 @@ def load_adapter(
         module.requires_grad_(True)
     set_adapter(model, name)
     if not trainable:
-        for _, layer in adapted_layers(model):
+        for _, layer in adapted_modules(model):
             layer.adapters.requires_grad_(False)
     return model

@@ -18,14 +18,14 @@ class Capabilities:
     where an adapter is configured (``LoRAConfig``), injected (``inject``, ``AdaptedLayer``)
     and saved (``save_adapter``); a new method adds one line there."""
 
-    kinds: frozenset[str]  # layer kinds it adapts: "linear", "conv1d", "embedding"
+    kinds: frozenset[str]  # what it adapts: "linear", "conv1d", "embedding", "experts" (MoE)
     dropout: bool  # implements LoRAConfig.dropout
     trainable_base: bool  # the base weight/bias may also train (its backward computes dW)
     peft_exact: bool  # PEFT's plain LoRA computes the same function from the saved A and B
     sparse_base: bool  # keeps the base's zero pattern, so it needs a pruned base
 
 
-_ALL_KINDS = frozenset({"linear", "conv1d", "embedding"})
+_ALL_KINDS = frozenset({"linear", "conv1d", "embedding", "experts"})
 CAPABILITIES: dict[str, Capabilities] = {
     "lora": Capabilities(
         _ALL_KINDS, dropout=True, trainable_base=True, peft_exact=True, sparse_base=False

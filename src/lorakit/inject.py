@@ -8,14 +8,18 @@ Works on any ``nn.Module``; Hugging Face models need nothing special. Every matc
 from __future__ import annotations
 
 import contextlib
-import re
 from collections import Counter
 from collections.abc import Iterator, Mapping
 
 import torch
 from torch import nn
 
+from . import experts
 from .config import LoRAConfig
+from .experts import (
+    AdaptedExperts,
+    expert_tensor_paths,
+)
 from .fake import is_fake
 from .layers import AdaptedLayer, layer_kind
 from .methods import adapter_class
@@ -29,10 +33,7 @@ from .quant import (
     is_quantized,
     zero_pattern,
 )
-
-ALL_LINEAR = "all-linear"
-# Classification / LM heads that "all-linear" leaves alone (PEFT does the same).
-_HEAD_NAMES = ("lm_head", "classifier", "score", "qa_outputs")
+from .targets import _weight_readers, match_targets
 
 
 def adapted_layers(model: nn.Module) -> Iterator[tuple[str, AdaptedLayer]]:
@@ -42,80 +43,21 @@ def adapted_layers(model: nn.Module) -> Iterator[tuple[str, AdaptedLayer]]:
             yield path, module
 
 
+def adapted_modules(
+    model: nn.Module,
+) -> Iterator[tuple[str, AdaptedLayer | AdaptedExperts]]:
+    """Every adapted layer and every adapted MoE experts module, with its path."""
+    for path, module in model.named_modules():
+        if isinstance(module, (AdaptedLayer, AdaptedExperts)):
+            yield path, module
+
+
 def adapter_names(model: nn.Module) -> list[str]:
     """Names of the adapters present in ``model``, in order of creation."""
     names: dict[str, None] = {}
-    for _, layer in adapted_layers(model):
+    for _, layer in adapted_modules(model):
         names.update(dict.fromkeys(layer.adapters))
     return list(names)
-
-
-def _adaptable(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    return [(p, m) for p, m in model.named_modules() if p and layer_kind(m) is not None]
-
-
-def _output_heads(model: nn.Module) -> set[int]:
-    heads = set()
-    get_out = getattr(model, "get_output_embeddings", None)
-    if callable(get_out):
-        with contextlib.suppress(Exception):
-            head = get_out()
-            if isinstance(head, nn.Module):
-                heads.add(id(head))
-    return heads
-
-
-def describe_layers(model: nn.Module) -> str:
-    """A compact list of the adaptable layers, grouped by leaf name, for error messages."""
-    layers = _adaptable(model)
-    if not layers:
-        return "the model has no nn.Linear, Conv1D or nn.Embedding layers"
-    counts = Counter(p.rsplit(".", 1)[-1] for p, _ in layers)
-    example = {}
-    for p, m in layers:
-        example.setdefault(p.rsplit(".", 1)[-1], (p, type(m).__name__))
-    parts = [
-        f"{leaf} x{n} ({example[leaf][1]}, e.g. {example[leaf][0]!r})" for leaf, n in counts.items()
-    ]
-    return "adaptable layers: " + "; ".join(parts)
-
-
-def match_targets(model: nn.Module, targets: str | tuple[str, ...] | list[str]) -> list[str]:
-    """Module paths selected by ``targets`` (see :class:`LoRAConfig`), in model order.
-
-    ``"all-linear"``: every Linear/Conv1D except the output head, classification heads and
-    ``nn.MultiheadAttention.out_proj`` (MHA reads that weight directly; naming it is an error).
-    A list: module-name suffixes (``"q_proj"`` matches ``model.layers.0.self_attn.q_proj``); each
-    must match at least one layer. Any other string: a regex that must match the full path.
-    """
-    layers = _adaptable(model)
-    if targets == ALL_LINEAR:
-        heads = _output_heads(model) | _weight_readers(model)
-        found = [
-            p
-            for p, m in layers
-            if layer_kind(m) in ("linear", "conv1d")
-            and id(m) not in heads
-            and p.rsplit(".", 1)[-1] not in _HEAD_NAMES
-        ]
-    elif isinstance(targets, str):
-        try:
-            pattern = re.compile(targets)
-        except re.error as e:
-            raise ValueError(f"targets {targets!r} is not a valid regular expression: {e}") from e
-        found = [p for p, _ in layers if pattern.fullmatch(p)]
-    else:
-        found, unmatched = [], []
-        for suffix in targets:
-            hits = [p for p, _ in layers if p == suffix or p.endswith("." + suffix)]
-            if not hits:
-                unmatched.append(suffix)
-        if unmatched:
-            raise ValueError(f"targets {unmatched} matched no layer; {describe_layers(model)}")
-        found = [p for p, _ in layers if any(p == s or p.endswith("." + s) for s in targets)]
-    if not found:
-        raise ValueError(f"targets {targets!r} matched no layer; {describe_layers(model)}")
-    return found
 
 
 def freeze_base(model: nn.Module) -> None:
@@ -130,12 +72,6 @@ def _check_rank(path: str, layer: nn.Module, config: LoRAConfig) -> None:
         raise ValueError(
             f"rank must be a positive int <= min(in, out) = {limit}, got {config.rank} for {path}"
         )
-
-
-def _weight_readers(model: nn.Module) -> set[int]:
-    """ids of linear layers whose weight their parent reads directly, bypassing ``forward``:
-    ``nn.MultiheadAttention.out_proj`` (an adapter there would never run)."""
-    return {id(m.out_proj) for m in model.modules() if isinstance(m, nn.MultiheadAttention)}
 
 
 def _check_kind(path: str, layer: nn.Module, config: LoRAConfig) -> None:
@@ -178,6 +114,10 @@ def add_adapter(
     if not isinstance(name, str) or not name or "." in name:
         raise ValueError(f"adapter name must be a non-empty string without '.', got {name!r}")
     per_path = {p: configs if isinstance(configs, LoRAConfig) else configs[p] for p in paths}
+    tensors = set(expert_tensor_paths(model))
+    expert_paths = [p for p in paths if p in tensors]
+    experts.check_targets(model, expert_paths, per_path, name)
+    paths = [p for p in paths if p not in tensors]
     modules = {p: model.get_submodule(p) for p in paths}
     readers = _weight_readers(model)
     for p, m in modules.items():
@@ -219,6 +159,7 @@ def add_adapter(
         # fp32 adapters, as PEFT's QLoRA does.
         dtype = cfg.dtype_for(dense_dtype(m.weight))
         m.adapters[name] = adapter_class(cfg.method)(m, cfg, dtype=dtype)
+    experts.add_adapters(model, expert_paths, per_path, name)
 
 
 def inject(model: nn.Module, config: LoRAConfig, name: str = "default") -> nn.Module:
@@ -284,7 +225,7 @@ def set_adapter(model: nn.Module, name: str) -> None:
     names = adapter_names(model)
     if name not in names:
         raise ValueError(f"no adapter named {name!r}; the model has {names}")
-    for _, layer in adapted_layers(model):
+    for _, layer in adapted_modules(model):
         layer.active = name if name in layer.adapters else None
         for adapter_name, adapter in layer.adapters.items():
             for p in adapter.parameters():
@@ -293,7 +234,7 @@ def set_adapter(model: nn.Module, name: str) -> None:
 
 def active_adapter(model: nn.Module) -> str | None:
     """Name of the active adapter, or None."""
-    for _, layer in adapted_layers(model):
+    for _, layer in adapted_modules(model):
         if layer.active is not None:
             return layer.active
     return None
@@ -302,7 +243,7 @@ def active_adapter(model: nn.Module) -> str | None:
 @contextlib.contextmanager
 def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
     """Run the base model alone inside the ``with`` block (merged layers are unmerged meanwhile)."""
-    layers = [layer for _, layer in adapted_layers(model)]
+    layers = [layer for _, layer in adapted_modules(model)]
     remerge = [(layer, list(layer.merged)) for layer in layers if layer.merged]
     for layer, _ in remerge:
         layer.unmerge()
@@ -323,7 +264,7 @@ def delete_adapter(model: nn.Module, name: str) -> None:
     names = adapter_names(model)
     if name not in names:
         raise ValueError(f"no adapter named {name!r}; the model has {names}")
-    layers = [(p, layer) for p, layer in adapted_layers(model) if name in layer.adapters]
+    layers = [(p, layer) for p, layer in adapted_modules(model) if name in layer.adapters]
     merged = [p for p, layer in layers if name in layer.merged]
     if merged:
         raise ValueError(f"adapter {name!r} is merged into {merged[0]}; unmerge it before deleting")
@@ -360,7 +301,7 @@ def merge(model: nn.Module, name: str | None = None) -> nn.Module:
         dtype (what the unmerged layer computes, up to rounding; not re-quantized); 4-bit layers
         without it stay 4-bit (:func:`lorakit.dequantize` converts them too).
     """
-    layers = list(adapted_layers(model))
+    layers = list(adapted_modules(model))
     if not layers:
         return model
     name = name or active_adapter(model)
@@ -419,7 +360,7 @@ def _sync_tie_flag(model: nn.Module) -> None:
 
 def unload(model: nn.Module) -> nn.Module:
     """Remove every adapter without merging; the base model comes back unchanged."""
-    for path, layer in list(adapted_layers(model)):
+    for path, layer in list(adapted_modules(model)):
         layer.unmerge()
         _replace(model, path, layer.unload())
     _sync_tie_flag(model)

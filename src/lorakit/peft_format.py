@@ -47,6 +47,7 @@ _UNDERSTOOD: dict[str, tuple | None] = {
     ),
     **dict.fromkeys(("revision", "inference_mode", "r", "lora_alpha", "lora_dropout"), _ANY),
     **dict.fromkeys(("target_modules", "exclude_modules", "layers_to_transform"), _ANY),
+    "target_parameters": _ANY,  # MoE expert tensors (lorakit.experts)
     **dict.fromkeys(("layers_pattern", "rank_pattern", "alpha_pattern", "modules_to_save"), _ANY),
     **dict.fromkeys(("use_rslora", "fan_in_fan_out", "ensure_weight_tying"), _ANY),
     # Settings of variants that are off: PEFT writes their defaults into every config.
@@ -141,7 +142,7 @@ class AdapterFile:
 
     config: dict[str, Any]  # adapter_config.json
     weights: dict[str, dict[str, torch.Tensor]]  # module path -> {"A": (r, in), "B": (out, r)}
-    kinds: dict[str, str]  # module path -> "linear" | "embedding"
+    kinds: dict[str, str]  # module path -> "linear" | "embedding" | "experts" (once resolved)
     base_weights: dict[str, torch.Tensor]  # module path -> whole weight PEFT saved alongside
     saved_params: dict[str, torch.Tensor]  # parameter path -> tensor, from modules_to_save
     metadata: dict[str, str]  # safetensors header metadata
