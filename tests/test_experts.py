@@ -11,8 +11,9 @@ import torch
 import zoo
 
 import lorakit as lk
-from lorakit.experts import AdaptedExperts, from_peft, to_peft
+from lorakit.experts import AdaptedExperts
 from lorakit.methods.experts import GroupedLoRAFunction
+from lorakit.moe_format import from_peft, to_peft
 from lorakit.profile import count_saved
 
 EXPERTS = ["all-linear", "experts.gate_up_proj", "experts.down_proj"]
@@ -247,3 +248,45 @@ def test_load_refuses_target_parameters_the_model_lacks(tmp_path):
     (tmp_path / "adapter_config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match=r"'experts.w13' selects no MoE expert tensor"):
         lk.load_adapter(zoo.build("mixtral"), tmp_path)
+
+
+@pytest.mark.parametrize("family", zoo.MOE)
+def test_grouped_routing_reproduces_the_experts_forward(family):
+    from lorakit.experts import group_routing
+
+    batch = zoo.batch(b=3, s=16)
+    want = zoo.build(family)(**batch).logits
+    model = zoo.build(family)
+    assert group_routing(model) == 2
+    # the same function; GEMMs on row slices of one buffer may round differently (~1e-9)
+    torch.testing.assert_close(model(**batch).logits, want, rtol=0, atol=1e-6)
+    assert not list(lk.adapted_layers(model))
+    assert set(dict(model.state_dict())) == set(dict(zoo.build(family).state_dict()))
+
+
+@pytest.mark.parametrize("method", ["lora", "lora_fa"])
+def test_router_adapted_only_when_named_and_peft_reads_it(method, tmp_path):
+    from peft import PeftModel
+
+    from lorakit.routers import AdaptedRouter
+
+    batch = zoo.batch()
+    base = zoo.build("mixtral")(**batch).logits
+    model = _adapted("mixtral", method, targets=["q_proj", "gate.weight"])
+    routers = [m for m in model.modules() if isinstance(m, AdaptedRouter)]
+    assert len(routers) == 2 and not _experts(model)
+    assert torch.equal(model(**batch).logits, base)
+    _perturb(model)
+    ours = model(**batch).logits
+    assert not torch.allclose(ours, base)
+    lk.save_adapter(model, tmp_path)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert config["target_parameters"] == ["gate.weight"]
+    peft = PeftModel.from_pretrained(zoo.build("mixtral"), tmp_path)
+    torch.testing.assert_close(peft(**batch).logits, ours, rtol=0, atol=1e-5)
+    model.train()
+    model(**batch).loss.backward()
+    assert all(r.adapters["default"].lora_B.grad.abs().sum() > 0 for r in routers)
+    merged = lk.merge(model)
+    assert not [m for m in merged.modules() if isinstance(m, AdaptedRouter)]
+    torch.testing.assert_close(merged(**batch).logits, ours, rtol=0, atol=1e-5)

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import experts
+from . import moe_format
 from .bitmask import unpack_mask
 from .config import LoRAConfig
 from .experts import AdaptedExperts
@@ -48,6 +48,7 @@ from .peft_format import (
     read_adapter,
 )
 from .quant import NO_PATTERN, dense_shape, zero_pattern
+from .routers import AdaptedRouter
 
 
 def _peft_key(path: str, layer: AdaptedLayer, which: str) -> str:
@@ -65,21 +66,11 @@ def adapter_tensors(model: nn.Module, name: str) -> dict[str, nn.Module]:
             continue
         if isinstance(module, AdaptedExperts):
             found.update({f"{p}.{t}": a for t, a in module.adapters[name].items()})
+        elif isinstance(module, AdaptedRouter):
+            found[f"{p}.weight"] = module.adapters[name]
         else:
             found[p] = module.adapters[name]
     return found
-
-
-def _target_parameters(model: nn.Module, paths: list[str]) -> list[str] | None:
-    """PEFT ``target_parameters`` selecting exactly the expert tensors ``paths``: their last two
-    names (``experts.down_proj``) when those select no others, else the full paths."""
-    if not paths:
-        return None
-    every = experts.expert_tensor_paths(model)
-    short = sorted({".".join(p.split(".")[-2:]) for p in paths})
-    if {p for p in every if any(p.endswith("." + s) for s in short)} == set(paths):
-        return short
-    return sorted(paths)
 
 
 def _target_modules(model: nn.Module, paths: list[str]) -> list[str] | str:
@@ -144,7 +135,7 @@ def adapter_payload(
             tensors[_peft_key(p, layer, which)] = _whole(
                 getattr(layer.adapters[name], f"lora_{which}")
             )
-    for p, (A, B) in _expert_entries(model, tensor_paths, found).items():
+    for p, (A, B) in moe_format.peft_entries(model, tensor_paths, found).items():
         tensors[f"{PREFIX}{p}.lora_A.weight"] = _whole(A)
         tensors[f"{PREFIX}{p}.lora_B.weight"] = _whole(B)
 
@@ -167,7 +158,7 @@ def adapter_payload(
         "lora_alpha": alpha,
         "lora_dropout": first.dropout,
         "target_modules": _target_modules(model, [p for p, _ in layers]),
-        "target_parameters": _target_parameters(model, tensor_paths),
+        "target_parameters": moe_format.target_parameters(model, tensor_paths),
         "bias": "none",
         "use_rslora": first.use_rslora,
         "fan_in_fan_out": any(layer.kind == "conv1d" for _, layer in layers),
@@ -202,19 +193,6 @@ def adapter_payload(
     return tensors, config, metadata
 
 
-def _expert_entries(
-    model: nn.Module, paths: list[str], found: dict[str, nn.Module]
-) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """PEFT's key path (``<experts>.base_layer...``) -> its (lora_A, lora_B) for expert tensors."""
-    out = {}
-    for p in paths:
-        mpath, tensor = experts.split_path(p)
-        module = model.get_submodule(mpath)
-        depth = experts.peft_depths(module, [t for t in module.params if f"{mpath}.{t}" in found])
-        out[mpath + ".base_layer" * depth[tensor]] = experts.to_peft(found[p])
-    return out
-
-
 def write_adapter(
     path: str | os.PathLike, payload: tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, str]]
 ) -> Path:
@@ -247,7 +225,7 @@ def copy_adapter_weights(
         for p, adapter in layers.items():
             pair = (found[p]["A"], found[p]["B"])
             if adapter.lora_A.dim() == 3 and pair[0].dim() == 2:
-                pair = experts.from_peft(*pair, adapter.lora_A.shape[0])
+                pair = moe_format.from_peft(*pair, adapter.lora_A.shape[0])
             for which, src in zip("AB", pair, strict=True):
                 dst = getattr(adapter, f"lora_{which}")
                 if dst.shape != src.shape:
@@ -255,26 +233,6 @@ def copy_adapter_weights(
                         f"lora_{which} of {p}: saved {tuple(src.shape)}, model {tuple(dst.shape)}"
                     )
                 dst.copy_(src)
-
-
-def _resolve_experts(model: nn.Module, file: AdapterFile) -> None:
-    """Rename PEFT's expert keys (``<experts>.base_layer...``) to the tensors they adapt."""
-    targets = file.config.get("target_parameters") or []
-    tensors = experts.expert_tensor_paths(model)
-    for t in targets:
-        if not any(p == t or p.endswith("." + t) for p in tensors):
-            raise ValueError(
-                f"adapter_config.json: target_parameters entry {t!r} selects no MoE expert tensor "
-                f"of {type(model).__name__}; lorakit adapts fused expert tensors "
-                f"({', '.join(experts.EXPERT_PARAMS)}) through target_parameters, found "
-                f"{sorted({'.'.join(p.split('.')[-2:]) for p in tensors}) or 'none'}"
-            )
-    for key_path in list(file.weights):
-        tensor = experts.peft_tensor_path(model, key_path, targets)
-        if tensor is not None:
-            file.weights[tensor] = file.weights.pop(key_path)
-            file.kinds[tensor] = "experts"
-            del file.kinds[key_path]
 
 
 def _base_config(model: nn.Module, file: AdapterFile) -> LoRAConfig:
@@ -303,7 +261,9 @@ def _base_config(model: nn.Module, file: AdapterFile) -> LoRAConfig:
 def _check_layer(model: nn.Module, file: AdapterFile, p: str, name: str) -> int:
     """Check that module ``p`` can take the file's A / B; returns the rank."""
     if file.kinds[p] == "experts":
-        return _check_experts(model, file, p, name)
+        return moe_format.check_experts(model, file, p, name)
+    if file.kinds[p] == "router":
+        return moe_format.check_router(model, file, p, name)
     try:
         module = model.get_submodule(p)
     except AttributeError:
@@ -340,24 +300,6 @@ def _check_layer(model: nn.Module, file: AdapterFile, p: str, name: str) -> int:
                 f"this LoRS adapter was trained on a differently pruned model: the zero pattern "
                 f"of {p} ({int((~kept).sum())} zeros) does not match the adapter's"
             )
-    return r
-
-
-def _check_experts(model: nn.Module, file: AdapterFile, p: str, name: str) -> int:
-    mpath, tensor = experts.split_path(p)
-    module = model.get_submodule(mpath)
-    if isinstance(module, AdaptedExperts) and name in module.adapters:
-        raise ValueError(f"{mpath} already has an adapter named {name!r}")
-    e, n_in, n_out = experts.tensor_shape(module, tensor)
-    A, B = file.weights[p]["A"], file.weights[p]["B"]
-    r = A.shape[0] // e if A.dim() == 2 else A.shape[1]
-    fits = (A.shape, B.shape) in {((r * e, n_in), (n_out, r * e)), ((e, r, n_in), (e, n_out, r))}
-    if r < 1 or not fits:
-        raise ValueError(
-            f"adapter shapes do not fit the MoE expert tensor {p} ({e} experts, in {n_in}, out "
-            f"{n_out}): lora_A {tuple(A.shape)} and lora_B {tuple(B.shape)}; PEFT's layout is "
-            f"(r·{e}, {n_in}) and ({n_out}, r·{e})"
-        )
     return r
 
 
@@ -405,7 +347,7 @@ def load_adapter(
     """
     folder = Path(path)
     file = read_adapter(folder)
-    _resolve_experts(model, file)
+    moe_format.resolve(model, file)
     base = _base_config(model, file)
     configs: dict[str, LoRAConfig] = {}
     for p in sorted(file.weights):

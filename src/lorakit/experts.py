@@ -40,13 +40,14 @@ def expert_params(module: nn.Module) -> list[str]:
     ]
 
 
+def is_experts(module: nn.Module) -> bool:
+    """A transformers experts module, adapted or not."""
+    return isinstance(module, AdaptedExperts) or bool(expert_params(module))
+
+
 def find_experts(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """``(path, module)`` of every experts module (adapted or not), in model order."""
-    return [
-        (p, m)
-        for p, m in model.named_modules()
-        if isinstance(m, AdaptedExperts) or expert_params(m)
-    ]
+    return [(p, m) for p, m in model.named_modules() if is_experts(m)]
 
 
 def expert_tensor_paths(model: nn.Module) -> list[str]:
@@ -58,19 +59,40 @@ def _params_of(module: nn.Module) -> list[str]:
     return module.params if isinstance(module, AdaptedExperts) else expert_params(module)
 
 
+def _moe_blocks(model: nn.Module) -> list[tuple[str, nn.Module, int]]:
+    """``(path, block, number of experts)`` of every module with an experts child."""
+    found = []
+    for path, block in model.named_modules():
+        experts = [m for m in block.children() if is_experts(m)]
+        if experts:
+            found.append((path, block, experts[0].num_experts))
+    return found
+
+
 def routers(model: nn.Module) -> set[int]:
     """ids of the ``nn.Linear`` gates of MoE blocks: a linear sibling of an experts module whose
     output is one number per expert (a router) or a single number (Qwen2-MoE's shared-expert
     gate). ``all-linear`` leaves them alone: a gate is not a projection anyone means to adapt."""
-    found = set()
-    for _, block in model.named_modules():
-        experts = [m for m in block.children() if find_experts(m)[:1] == [("", m)]]
-        if not experts:
-            continue
-        n = experts[0].num_experts
-        for child in block.children():
-            if isinstance(child, nn.Linear) and child.out_features in (1, n):
-                found.add(id(child))
+    return {
+        id(child)
+        for _, block, n in _moe_blocks(model)
+        for child in block.children()
+        if isinstance(child, nn.Linear) and child.out_features in (1, n)
+    }
+
+
+def router_weight_paths(model: nn.Module) -> list[str]:
+    """``"<router>.weight"`` of every MoE router kept as a module with an (E, H) ``weight``
+    (transformers 5's ``*TopKRouter``). Adapted only when named: PEFT's ``all-linear`` on
+    Mixtral / Qwen-MoE adds them (transformers 4 kept routers as ``nn.Linear``); lorakit's does
+    not, but it loads and saves such adapters."""
+    found = []
+    for path, block, n in _moe_blocks(model):
+        for leaf, child in block.named_children():
+            w = getattr(child, "weight", None)
+            plain = isinstance(child, (nn.Linear, nn.Embedding)) or is_experts(child)
+            if not plain and isinstance(w, nn.Parameter) and w.dim() == 2 and w.shape[0] == n:
+                found.append(f"{path}.{leaf}.weight" if path else f"{leaf}.weight")
     return found
 
 
@@ -121,9 +143,8 @@ class AdaptedExperts(nn.Module):
 
     def forward(self, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
         """hidden (T, H), top_k_index (T, k), top_k_weights (T, k) -> (T, H), as the original."""
-        if not self.forward_adds_adapter():
-            return self.__dict__["base_layer"](hidden, top_k_index, top_k_weights)
-        return self.routed(hidden, top_k_index, top_k_weights, self.adapters[self.active])
+        adapter = self.adapters[self.active] if self.forward_adds_adapter() else {}
+        return self.routed(hidden, top_k_index, top_k_weights, adapter)
 
     def routed(self, hidden, top_k_index, top_k_weights, adapter) -> torch.Tensor:
         """The experts' output with ``adapter`` (a name -> :class:`ExpertLoRA` mapping, possibly
@@ -268,6 +289,29 @@ def add_adapters(model: nn.Module, paths: list[str], configs: dict, name: str) -
         module.adapters[name] = nn.ModuleDict(loras)
 
 
+def group_routing(model: nn.Module) -> int:
+    """Run every experts module through lorakit's grouped computation (checked to reproduce
+    the module's own forward), adapters or not; returns how many were wrapped.
+
+    Training with an adapter calls this, so the planner (fake tensors, where transformers'
+    data-dependent expert loop cannot run) and training run one code path. A module whose
+    forward is not reproduced is left as it is.
+    """
+    wrapped = 0
+    for path, module in find_experts(model):
+        if isinstance(module, AdaptedExperts):
+            continue
+        try:
+            adapted = AdaptedExperts(module)
+            _check_reproduces(adapted)
+        except (TypeError, NotImplementedError):
+            continue
+        parent, _, leaf = path.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, leaf, adapted)
+        wrapped += 1
+    return wrapped
+
+
 @torch.no_grad()
 def _check_reproduces(module: AdaptedExperts) -> None:
     """Refuse an experts class whose forward the grouped computation does not reproduce (one
@@ -282,7 +326,7 @@ def _check_reproduces(module: AdaptedExperts) -> None:
     x = torch.randn(e, hidden, generator=g, device=weight.device).to(weight.dtype)
     index = torch.arange(e, device=weight.device)[:, None]
     scale = torch.ones(e, 1, device=weight.device, dtype=weight.dtype)
-    want = module.__dict__["base_layer"](x, index, scale).float()
+    want = module.unload()(x, index, scale).float()
     got = module.routed(x, index, scale, {}).float()
     tol = 1e-4 if weight.dtype in (torch.float32, torch.float64) else 3e-2
     err = float((got - want).abs().max() / want.abs().max().clamp_min(1e-6))
@@ -292,52 +336,3 @@ def _check_reproduces(module: AdaptedExperts) -> None:
             f"{type(module.__dict__['base_layer']).__name__} (relative difference {err:.2g}); "
             f"leave its tensors out of targets"
         )
-
-
-# -- PEFT's target_parameters layout -------------------------------------------------------------
-
-
-def to_peft(lora: ExpertLoRA) -> tuple[torch.Tensor, torch.Tensor]:
-    """PEFT's (r·E, in) lora_A and (out, r·E) lora_B: A stacked by expert, B's columns
-    interleaved (column k·E + e is expert e's k-th)."""
-    A, B = lora.lora_A, lora.lora_B
-    e, out, r = B.shape
-    return A.reshape(e * r, -1), B.permute(1, 2, 0).reshape(out, r * e)
-
-
-def from_peft(A: torch.Tensor, B: torch.Tensor, e: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Inverse of :func:`to_peft`: (E, r, in) and (E, out, r)."""
-    r = A.shape[0] // e
-    return A.reshape(e, r, A.shape[1]), B.reshape(B.shape[0], r, e).permute(2, 0, 1)
-
-
-def peft_depths(module: nn.Module, tensors: list[str]) -> dict[str, int]:
-    """How many ``base_layer`` levels PEFT nests each adapted tensor of ``module`` under: PEFT
-    wraps the module once per tensor in registration order, the first innermost."""
-    ordered = [t for t in _params_of(module) if t in tensors]
-    return {t: len(ordered) - 1 - i for i, t in enumerate(ordered)}
-
-
-def peft_tensor_path(model: nn.Module, key_path: str, targets: list[str]) -> str | None:
-    """The expert tensor (``<experts>.<tensor>``) a PEFT key path names, or None if it names no
-    experts module. ``key_path`` is ``<experts>`` plus one ``.base_layer`` per nesting level;
-    ``targets`` is the adapter's ``target_parameters`` (PEFT matches a tensor when its path
-    equals or ends with an entry)."""
-    mpath, depth = key_path, 0
-    while mpath.endswith(".base_layer"):
-        mpath, depth = mpath.removesuffix(".base_layer"), depth + 1
-    try:
-        module = model.get_submodule(mpath)
-    except AttributeError:
-        return None
-    if not _params_of(module):
-        return None
-    chosen = [
-        t
-        for t in _params_of(module)
-        if any(f"{mpath}.{t}" == s or f"{mpath}.{t}".endswith("." + s) for s in targets)
-    ]
-    for t, d in peft_depths(module, chosen).items():
-        if d == depth:
-            return f"{mpath}.{t}"
-    return None

@@ -14,11 +14,12 @@ from collections.abc import Iterator, Mapping
 import torch
 from torch import nn
 
-from . import experts
+from . import experts, routers
 from .config import LoRAConfig
 from .experts import (
     AdaptedExperts,
     expert_tensor_paths,
+    router_weight_paths,
 )
 from .fake import is_fake
 from .layers import AdaptedLayer, layer_kind
@@ -33,6 +34,7 @@ from .quant import (
     is_quantized,
     zero_pattern,
 )
+from .routers import AdaptedRouter
 from .targets import _weight_readers, match_targets
 
 
@@ -45,10 +47,10 @@ def adapted_layers(model: nn.Module) -> Iterator[tuple[str, AdaptedLayer]]:
 
 def adapted_modules(
     model: nn.Module,
-) -> Iterator[tuple[str, AdaptedLayer | AdaptedExperts]]:
-    """Every adapted layer and every adapted MoE experts module, with its path."""
+) -> Iterator[tuple[str, AdaptedLayer | AdaptedExperts | AdaptedRouter]]:
+    """Every adapted layer, MoE experts module and MoE router, with its path."""
     for path, module in model.named_modules():
-        if isinstance(module, (AdaptedLayer, AdaptedExperts)):
+        if isinstance(module, (AdaptedLayer, AdaptedExperts, AdaptedRouter)):
             yield path, module
 
 
@@ -114,10 +116,12 @@ def add_adapter(
     if not isinstance(name, str) or not name or "." in name:
         raise ValueError(f"adapter name must be a non-empty string without '.', got {name!r}")
     per_path = {p: configs if isinstance(configs, LoRAConfig) else configs[p] for p in paths}
-    tensors = set(expert_tensor_paths(model))
+    tensors, gates = set(expert_tensor_paths(model)), set(router_weight_paths(model))
     expert_paths = [p for p in paths if p in tensors]
+    router_paths = [p for p in paths if p in gates]
     experts.check_targets(model, expert_paths, per_path, name)
-    paths = [p for p in paths if p not in tensors]
+    routers.check_targets(model, router_paths, per_path, name)
+    paths = [p for p in paths if p not in tensors and p not in gates]
     modules = {p: model.get_submodule(p) for p in paths}
     readers = _weight_readers(model)
     for p, m in modules.items():
@@ -132,7 +136,6 @@ def add_adapter(
                 f"layer {p} already has an adapter named {name!r}; "
                 f"use another name or delete_adapter(model, {name!r}) first"
             )
-        _check_rank(p, m, per_path[p])
         _check_kind(p, m, per_path[p])
         if isinstance(m, AdaptedLayer) and m.merged and per_path[p].capabilities.sparse_base:
             raise ValueError(
@@ -160,6 +163,7 @@ def add_adapter(
         dtype = cfg.dtype_for(dense_dtype(m.weight))
         m.adapters[name] = adapter_class(cfg.method)(m, cfg, dtype=dtype)
     experts.add_adapters(model, expert_paths, per_path, name)
+    routers.add_adapters(model, router_paths, per_path, name)
 
 
 def inject(model: nn.Module, config: LoRAConfig, name: str = "default") -> nn.Module:
@@ -191,6 +195,10 @@ def inject(model: nn.Module, config: LoRAConfig, name: str = "default") -> nn.Mo
         raise ValueError(
             f"every target lies inside modules_to_save {list(saved)}; nothing to adapt"
         )
+    tensors = set(expert_tensor_paths(model) + router_weight_paths(model))  # checked apart
+    for p in paths:
+        if p not in tensors:  # a loaded adapter may exceed min(in, out); a new one may not
+            _check_rank(p, model.get_submodule(p), config)
     add_adapter(model, paths, config, name)
     freeze_base(model)
     for module in saved.values():

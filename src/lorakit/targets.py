@@ -14,7 +14,7 @@ from collections import Counter
 
 from torch import nn
 
-from .experts import expert_tensor_paths, routers, split_path
+from .experts import expert_tensor_paths, router_weight_paths, routers, split_path
 from .layers import layer_kind
 
 ALL_LINEAR = "all-linear"
@@ -68,6 +68,7 @@ def match_targets(model: nn.Module, targets: str | tuple[str, ...] | list[str]) 
     """
     layers = [p for p, _ in _adaptable(model)]
     tensors = expert_tensor_paths(model)
+    named_only = tensors + router_weight_paths(model)  # routers: only when named
     if targets == ALL_LINEAR:
         found = _all_linear(model)
         if tensors:
@@ -77,16 +78,16 @@ def match_targets(model: nn.Module, targets: str | tuple[str, ...] | list[str]) 
             pattern = re.compile(targets)
         except re.error as e:
             raise ValueError(f"targets {targets!r} is not a valid regular expression: {e}") from e
-        found = [p for p in layers + tensors if pattern.fullmatch(p)]
+        found = [p for p in layers + named_only if pattern.fullmatch(p)]
     else:
         named = [t for t in targets if t != ALL_LINEAR]
-        hits = {t: _suffix_hits(layers + tensors, tensors, t) for t in named}
+        hits = {t: _suffix_hits(layers + named_only, tensors, t) for t in named}
         unmatched = [t for t in named if not hits[t]]
         if unmatched:
             raise ValueError(f"targets {unmatched} matched no layer; {describe_layers(model)}")
         chosen = set(_all_linear(model)) if ALL_LINEAR in targets else set()
         chosen |= {p for t in named for p in hits[t]}
-        found = [p for p in layers + tensors if p in chosen]
+        found = [p for p in layers + named_only if p in chosen]
     if not found:
         raise ValueError(f"targets {targets!r} matched no layer; {describe_layers(model)}")
     return found

@@ -159,6 +159,9 @@ def _adapt(model: nn.Module, cfg: TrainConfig, task: str, ctx: Context, place=Tr
     if cfg.adapter is None:
         model.requires_grad_(True)
     else:
+        from .experts import group_routing
+
+        group_routing(model)  # MoE experts: one code path for training and the planner
         heads = tuple(h for h in HEADS if task == "seq-cls" and hasattr(model, h))
         extra = tuple(h for h in heads if h not in cfg.adapter.modules_to_save)
         inject(model, cfg.adapter.replace(modules_to_save=cfg.adapter.modules_to_save + extra))
