@@ -102,13 +102,11 @@ LOSS_CHUNK = 1024  # tokens per chunk of the no-grad loss (as reduce_activation_
 
 def _plain_head(model: nn.Module) -> nn.Module | None:
     """The LM head of a transformers causal LM whose logits are the head's output, nothing
-    applied after it (the families of ``lorakit.memory.SUPPORTED``; not Gemma's soft-capped or
-    Cohere's scaled logits); else None."""
-    from .memory import SUPPORTED
+    applied after it (found by structure: :func:`lorakit.memory.plain_lm_head`; not Gemma's
+    soft-capped or Cohere's scaled logits); else None."""
+    from .memory import plain_lm_head
 
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    get = getattr(model, "get_output_embeddings", None)
-    return get() if model_type in SUPPORTED and get is not None else None
+    return plain_lm_head(model)
 
 
 @contextlib.contextmanager
