@@ -126,6 +126,21 @@ def write(name: str, text: str) -> Path:
     return out
 
 
+def splice(name: str, section: list[str], anchor: str) -> Path:
+    """Write ``section`` (its first and last lines are its markers) into results/``name`` in
+    place of the previous one, or before the first line starting with ``anchor``."""
+    out = RESULTS / name
+    text, block = out.read_text(), "\n".join(section) + "\n"
+    start, end = section[0], section[-1]
+    if start in text:
+        head, rest = text.split(start, 1)
+        text = head + block + rest.split(end, 1)[1].lstrip("\n")
+    else:
+        head, sep, rest = text.partition("\n" + anchor)
+        text = head + "\n" + block + sep + rest if sep else text + "\n" + block
+    return write(name, text)
+
+
 def mib(nbytes: int) -> str:
     return f"{nbytes / MiB:.1f}"
 

@@ -34,6 +34,7 @@ from common import (  # noqa: E402
     machine,
     run_interleaved,
     smollm2,
+    splice,
     static_bytes,
     write,
 )
@@ -264,7 +265,100 @@ def plot(lines: list[str], file: Path) -> None:
     print(f"wrote {file}")
 
 
+FAMILY_START, FAMILY_END = (
+    "<!-- families: SECTION=families bench/memory.py -->",
+    "<!-- /families -->",
+)
+FAMILY_SHAPE = {  # SmolLM2-135M's widths, 8 layers, random weights
+    "vocab_size": 49152,
+    "hidden_size": 576,
+    "intermediate_size": 1536,
+    "num_hidden_layers": 8,
+    "num_attention_heads": 9,
+    "num_key_value_heads": 3,
+    "head_dim": 64,
+    "tie_word_embeddings": False,
+}
+FAMILIES = {
+    "gemma3_text": {"query_pre_attn_scalar": 64, "sliding_window": 256},
+    "qwen3_moe": {  # 8 experts of width 768, 2 per token
+        "num_experts": 8,
+        "num_experts_per_tok": 2,
+        "moe_intermediate_size": 768,
+        "decoder_sparse_step": 1,
+        "mlp_only_layers": [],
+        "router_aux_loss_coef": 0.0,
+    },
+    "llama": {},
+}
+
+
+def family_table(seq: int = 512) -> list[str]:
+    """Saved bytes on other families (random weights, fp32, batch 1): PEFT LoRA vs lorakit."""
+    import warnings
+
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    lines = [
+        FAMILY_START,
+        "",
+        f"## Other families (random weights, SmolLM2-135M widths, 8 layers, fp32, seq {seq})",
+        "",
+        "Every row adapts all linear layers (r=16, alpha=32) and, on qwen3_moe, both expert "
+        "tensors of every layer (PEFT: `target_parameters`; lorakit: `all-linear,experts`; "
+        "PEFT's `all-linear` also adapts the qwen3_moe router). Saved bytes counted as above; "
+        "the first loss of every row is the base model's. Reproduce this section alone: "
+        "`SECTION=families .venv/bin/python bench/memory.py`.",
+        "",
+        "| family | row | saved MiB | saved vs PEFT LoRA | loss |",
+        "|---|---|---:|---:|---:|",
+    ]
+    ids = torch.randint(0, 49152, (1, seq), generator=torch.Generator().manual_seed(0))
+    for family, extra in FAMILIES.items():
+        config = AutoConfig.for_model(family, **FAMILY_SHAPE, **extra)
+        moe = family.endswith("moe")
+        experts = ["experts.gate_up_proj", "experts.down_proj"] if moe else None
+        targets = ["all-linear", "experts"] if moe else "all-linear"
+
+        def build(config=config):
+            torch.manual_seed(0)
+            return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+
+        peft_cfg = LoraConfig(r=16, lora_alpha=32, target_modules="all-linear")
+        peft_cfg.target_parameters = experts
+        rows = {"PEFT LoRA": lambda cfg=peft_cfg: get_peft_model(build(), cfg)}
+        for method, reduce in (("lora", False), ("lora_fa", False), ("lora_fa", True)):
+            label = f"lorakit {'LoRA' if method == 'lora' else 'LoRA-FA'}" + (
+                " + reduce" if reduce else ""
+            )
+
+            def make(method=method, reduce=reduce, targets=targets):
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    cfg = lk.LoRAConfig(method=method, rank=16, alpha=32, targets=targets)
+                    model = lk.inject(build(), cfg)
+                    return lk.reduce_activation_memory(model) if reduce else model
+
+            rows[label] = make
+        ref = None
+        for label, make in rows.items():
+            model = make().train()
+            loss, saved = count_saved(model, lambda m=model: m(input_ids=ids, labels=ids).loss)
+            ref = ref or saved
+            lines.append(
+                f"| {family} | {label} | {saved / MiB:.1f} | {saved / ref:.2f}x | {float(loss):.5f} |"
+            )
+            print(lines[-1], flush=True)
+            del model, loss
+            gc.collect()
+    return [*lines, "", FAMILY_END]
+
+
 def main() -> None:
+    if os.environ.get("SECTION") == "families":
+        splice("memory.md", family_table(), "Command: `")
+        return
     seqs = [int(s) for s in os.environ.get("SEQS", "512,1024,2048").split(",")]
     bf16_seqs = [int(s) for s in os.environ.get("BF16_SEQS", "512").split(",")]
     steps = int(os.environ.get("STEPS", 3))
@@ -298,6 +392,8 @@ def main() -> None:
             "| row | saved MiB | vs PEFT LoRA |",
             "|---|---:|---:|",
             *block,
+            "",
+            *family_table(),
             "",
             "Command: `.venv/bin/python bench/memory.py`",
             "",

@@ -8,6 +8,7 @@ Then, per model, the longest rows at batch 1 that fit 24, 48 and 80 GiB (``plann
 each answer n is checked, n fits and n + 256 does not, up to the model's context length).
 
     .venv/bin/python bench/plan.py        # MODELS=llama-3.1-8b,llama-2-70b SEQS=2048,8192 LONGEST=1
+    SECTION=moe .venv/bin/python bench/plan.py   # only the MoE / Gemma 3 section of plan.md
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import machine, write  # noqa: E402
+from common import machine, splice, write  # noqa: E402
 
 from lorakit.config import TrainConfig  # noqa: E402
 from lorakit.planner import plan  # noqa: E402
@@ -67,6 +68,36 @@ ROWS = [  # label, flat keys, strategy, adapt
 ]
 
 
+def peft_moe(model):
+    """PEFT LoRA on every linear layer and, through ``target_parameters``, the experts."""
+    from peft import LoraConfig, get_peft_model
+
+    experts = ["experts.gate_up_proj", "experts.down_proj"]
+    to = torch.nn.Module.to  # as in peft_lora
+    torch.nn.Module.to = lambda self, *a, **k: self
+    try:
+        config = LoraConfig(
+            r=16, lora_alpha=32, target_modules="all-linear", target_parameters=experts
+        )
+        return get_peft_model(model, config)
+    finally:
+        torch.nn.Module.to = to
+
+
+_EXPERTS = {"targets": ["all-linear", "experts"]}
+MOE_ROWS = [  # label, flat keys, adapt
+    ("PEFT LoRA, experts (target_parameters)", {"method": "lora"}, peft_moe),
+    ("lorakit LoRA, all-linear (experts skipped)", {"method": "lora"}, None),
+    ("lorakit LoRA, experts", {"method": "lora", **_EXPERTS}, None),
+    ("lorakit LoRA-FA, experts", {"method": "lora_fa", **_EXPERTS}, None),
+    ("LoRA-FA, experts + reduce", {"method": "lora_fa", "reduce_memory": True, **_EXPERTS}, None),
+    (
+        "LoRA-FA, experts + reduce + ckpt",
+        {"method": "lora_fa", "reduce_memory": True, "checkpointing": True, **_EXPERTS},
+        None,
+    ),
+]
+DENSE_ROWS = [(label, flat, adapt) for label, flat, strategy, adapt in ROWS[1:6]]
 BUDGETS = (24, 48, 80)
 
 
@@ -104,7 +135,70 @@ def _longest_table(name: str) -> list[str]:
     return lines
 
 
+def _row(name: str, seq: int, label: str, flat: dict, adapt, strategy="single") -> tuple:
+    """(table line, plan or None) of one planned row."""
+    world = 8 if strategy == "fsdp" else 1
+    t0 = time.perf_counter()
+    try:
+        p = plan(
+            model=name,
+            dtype="bfloat16",
+            batch_size=world,
+            max_len=seq,
+            strategy=strategy,
+            world_size=world,
+            adapt=adapt,
+            label=label,
+            **flat,
+        )
+    except Exception as e:  # a row that cannot be planned says why
+        return f"| {label} | error: {type(e).__name__}: {str(e)[:80]} | | | | | |", None
+    parts = p.at_peak
+    train = parts.get("trainable", 0) + p.gradients + parts.get("optimizer", 0)
+    fits = "/".join(str(g) for g in (24, 48, 80) if p.peak <= g * GiB * 0.95) or "-"
+    line = (
+        f"| {label} | {parts.get('weights', 0) / GiB:.2f} | {train / GiB:.2f} | "
+        f"{p.activations / GiB:.2f} | {p.peak / GiB:.2f} | {fits} | "
+        f"{time.perf_counter() - t0:.1f} |"
+    )
+    return line, p
+
+
+HEADER = [
+    "| row | weights | trainable + grads + optimizer | saved | peak | fits | plan s |",
+    "|---|---:|---:|---:|---:|---|---:|",
+]
+MOE_START, MOE_END = "<!-- moe: SECTION=moe bench/plan.py -->", "<!-- /moe -->"
+
+
+def moe_section(seq: int = 2048) -> list[str]:
+    """MoE experts (PEFT target_parameters beside lorakit's) and Gemma 3, at one length."""
+    lines = [MOE_START, "", "## MoE experts and Gemma 3, bf16, batch 1 x 2048 tokens", ""]
+    lines += [
+        "MoE rows adapt every linear layer (r=16) and, where the row says so, both expert "
+        "tensors of every layer: PEFT through `target_parameters` (its `all-linear` on "
+        "transformers-5 MoE also adapts the router), lorakit through its grouped expert "
+        "adapters (`--targets all-linear,experts`). lorakit plans an even routing (the saved "
+        "bytes do not depend on it).",
+        "",
+    ]
+    for name, rows in (
+        ("qwen3-30b-a3b", MOE_ROWS),
+        ("mixtral-8x7b", MOE_ROWS),
+        ("gemma-3-4b", DENSE_ROWS),
+    ):
+        lines += [f"### {name}", "", *HEADER]
+        for label, flat, adapt in rows:
+            lines.append(_row(name, seq, label, flat, adapt)[0])
+            print(lines[-1], flush=True)
+        lines.append("")
+    return [*lines, MOE_END]
+
+
 def main() -> None:
+    if os.environ.get("SECTION") == "moe":  # regenerate that section of plan.md alone
+        splice("plan.md", moe_section(), "Command: `")
+        return
     models = os.environ.get("MODELS", "llama-3.1-8b,llama-2-70b").split(",")
     seqs = [int(s) for s in os.environ.get("SEQS", "2048,8192").split(",")]
     lines = [
@@ -122,45 +216,17 @@ def main() -> None:
     for name in models:
         for seq in seqs:
             lines += [f"## {name}, bf16, batch 1 x {seq} tokens", ""]
-            lines += [
-                "| row | weights | trainable + grads + optimizer | saved | peak | fits | plan s |"
-            ]
-            lines += ["|---|---:|---:|---:|---:|---|---:|"]
+            lines += HEADER
             for label, flat, strategy, adapt in ROWS:
-                world = 8 if strategy == "fsdp" else 1
-                t0 = time.perf_counter()
-                try:
-                    p = plan(
-                        model=name,
-                        dtype="bfloat16",
-                        batch_size=world,
-                        max_len=seq,
-                        strategy=strategy,
-                        world_size=world,
-                        adapt=adapt,
-                        label=label,
-                        **flat,
-                    )
-                except Exception as e:  # a row that cannot be planned says why
-                    lines.append(
-                        f"| {label} | error: {type(e).__name__}: {str(e)[:80]} | | | | | |"
-                    )
-                    print(lines[-1], flush=True)
-                    continue
-                parts = p.at_peak
-                train = parts.get("trainable", 0) + p.gradients + parts.get("optimizer", 0)
-                fits = "/".join(str(g) for g in (24, 48, 80) if p.peak <= g * GiB * 0.95) or "-"
-                lines.append(
-                    f"| {label} | {parts.get('weights', 0) / GiB:.2f} | {train / GiB:.2f} | "
-                    f"{p.activations / GiB:.2f} | {p.peak / GiB:.2f} | {fits} | "
-                    f"{time.perf_counter() - t0:.1f} |"
-                )
-                print(lines[-1], flush=True)
-                if seq == seqs[0]:
+                line, p = _row(name, seq, label, flat, adapt, strategy)
+                lines.append(line)
+                print(line, flush=True)
+                if p is not None and seq == seqs[0]:
                     shown.append(p)
             lines.append("")
         if os.environ.get("LONGEST", "1") == "1":
             lines += _longest_table(name)
+    lines += moe_section()
     lines.append("Command: `.venv/bin/python bench/plan.py`")
     write("plan.md", "\n".join(lines) + "\n")
     plot(

@@ -38,7 +38,7 @@ def _experts(model):
 
 
 @pytest.mark.parametrize("transposed", [False, True])
-@pytest.mark.parametrize("keep", ["x", "h"])
+@pytest.mark.parametrize("keep", ["x", "h", "none"])
 def test_gradcheck_grouped_function(transposed, keep):
     g = torch.Generator().manual_seed(0)
     e, n_in, n_out, r, counts = 3, 5, 4, 2, [2, 0, 3]
@@ -49,11 +49,16 @@ def test_gradcheck_grouped_function(transposed, keep):
     A = torch.randn(e, r, n_in, dtype=torch.float64, generator=g, requires_grad=keep == "x")
     B = torch.randn(e, n_out, r, dtype=torch.float64, generator=g, requires_grad=True)
 
+    if keep == "none":
+        A, B = torch.zeros_like(A), torch.zeros_like(B)
+
     def run(x, *ab):
+        if keep == "none":
+            return GroupedLoRAFunction.apply(x, w, b, None, None, counts, 1.0, transposed, keep)
         a = ab[0] if keep == "x" else A
         return GroupedLoRAFunction.apply(x, w, b, a, ab[-1], counts, 0.7, transposed, keep)
 
-    inputs = (x, A, B) if keep == "x" else (x, B)
+    inputs = {"x": (x, A, B), "h": (x, B), "none": (x,)}[keep]
     assert torch.autograd.gradcheck(run, inputs)
     # plain autograd, expert by expert
     want, lo = [], 0

@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .methods.experts import ExpertLoRA, GroupedLoRAFunction, grouped_linear
+from .methods.experts import ExpertLoRA, GroupedLoRAFunction
 
 # The fused expert tensors lorakit adapts (transformers' names), in their usual order.
 EXPERT_PARAMS = ("gate_up_proj", "up_proj", "down_proj")
@@ -165,20 +165,15 @@ class AdaptedExperts(nn.Module):
 
     def _project(self, x, name: str, adapter, counts: list[int]) -> torch.Tensor:
         weight, bias = getattr(self, name), getattr(self, f"{name}_bias", None)
-        if name not in adapter:
-            return grouped_linear(x, weight, bias, counts, self.is_transposed)
-        lora = adapter[name]
-        keep = "h" if lora.frozen_a else "x"
+        lora = adapter[name] if name in adapter else None  # noqa: SIM401 (ModuleDict)
+        if lora is None:  # the frozen per-expert linear alone
+            A = B = None
+            scaling, keep = 1.0, "none"
+        else:
+            A, B, scaling = lora.lora_A, lora.lora_B, lora.scaling
+            keep = "h" if lora.frozen_a else "x"
         return GroupedLoRAFunction.apply(
-            x,
-            weight,
-            bias,
-            lora.lora_A,
-            lora.lora_B,
-            counts,
-            lora.scaling,
-            self.is_transposed,
-            keep,
+            x, weight, bias, A, B, counts, scaling, self.is_transposed, keep
         )
 
     # -- merge ------------------------------------------------------------------------------
