@@ -12,7 +12,7 @@ import zoo
 
 import lorakit as lk
 from lorakit.experts import AdaptedExperts
-from lorakit.methods.experts import GroupedLoRAFunction
+from lorakit.methods.experts import GroupedLoRAFunction, groups
 from lorakit.moe_format import from_peft, to_peft
 from lorakit.profile import count_saved
 
@@ -54,9 +54,11 @@ def test_gradcheck_grouped_function(transposed, keep):
 
     def run(x, *ab):
         if keep == "none":
-            return GroupedLoRAFunction.apply(x, w, b, None, None, counts, 1.0, transposed, keep)
+            return GroupedLoRAFunction.apply(
+                x, w, b, None, None, groups(counts), 1.0, transposed, keep
+            )
         a = ab[0] if keep == "x" else A
-        return GroupedLoRAFunction.apply(x, w, b, a, ab[-1], counts, 0.7, transposed, keep)
+        return GroupedLoRAFunction.apply(x, w, b, a, ab[-1], groups(counts), 0.7, transposed, keep)
 
     inputs = {"x": (x, A, B), "h": (x, B), "none": (x,)}[keep]
     assert torch.autograd.gradcheck(run, inputs)
@@ -269,15 +271,18 @@ def test_grouped_routing_reproduces_the_experts_forward(family):
     assert set(dict(model.state_dict())) == set(dict(zoo.build(family).state_dict()))
 
 
-@pytest.mark.parametrize("method", ["lora", "lora_fa"])
-def test_router_adapted_only_when_named_and_peft_reads_it(method, tmp_path):
+@pytest.mark.parametrize(
+    "family,method,router",
+    [("mixtral", "lora", "gate"), ("mixtral", "lora_fa", "gate"), ("gpt_oss", "lora", "router")],
+)
+def test_router_adapted_only_when_named_and_peft_reads_it(family, method, router, tmp_path):
     from peft import PeftModel
 
     from lorakit.routers import AdaptedRouter
 
     batch = zoo.batch()
-    base = zoo.build("mixtral")(**batch).logits
-    model = _adapted("mixtral", method, targets=["q_proj", "gate.weight"])
+    base = zoo.build(family)(**batch).logits
+    model = _adapted(family, method, targets=["q_proj", f"{router}.weight"])
     routers = [m for m in model.modules() if isinstance(m, AdaptedRouter)]
     assert len(routers) == 2 and not _experts(model)
     assert torch.equal(model(**batch).logits, base)
@@ -286,8 +291,8 @@ def test_router_adapted_only_when_named_and_peft_reads_it(method, tmp_path):
     assert not torch.allclose(ours, base)
     lk.save_adapter(model, tmp_path)
     config = json.loads((tmp_path / "adapter_config.json").read_text())
-    assert config["target_parameters"] == ["gate.weight"]
-    peft = PeftModel.from_pretrained(zoo.build("mixtral"), tmp_path)
+    assert config["target_parameters"] == [f"{router}.weight"]
+    peft = PeftModel.from_pretrained(zoo.build(family), tmp_path)
     torch.testing.assert_close(peft(**batch).logits, ours, rtol=0, atol=1e-5)
     model.train()
     model(**batch).loss.backward()

@@ -21,7 +21,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .methods.experts import ExpertLoRA, GroupedLoRAFunction
+from .fake import is_fake
+from .fused import ActMulFunction
+from .methods.experts import ExpertLoRA, GroupedLoRAFunction, groups
 
 # The fused expert tensors lorakit adapts (transformers' names), in their usual order.
 EXPERT_PARAMS = ("gate_up_proj", "up_proj", "down_proj")
@@ -157,11 +159,21 @@ class AdaptedExperts(nn.Module):
         token = order // k
         x = hidden[token]  # (N, H), N = routed slots
         h = self._project(x, self.params[0], adapter, counts)
-        base = self.__dict__["base_layer"]
-        act = base._apply_gate(h) if getattr(base, "has_gate", True) else base.act_fn(h)
-        y = self._project(act, self.params[-1], adapter, counts)  # (N, H)
+        y = self._project(self._activation(h), self.params[-1], adapter, counts)  # (N, H)
         y = y * top_k_weights.reshape(-1)[order, None].to(y.dtype)
         return torch.zeros_like(hidden).index_add_(0, token, y.to(hidden.dtype))
+
+    def _activation(self, h: torch.Tensor) -> torch.Tensor:
+        """The experts' own activation of the up-projection's output. transformers' default gate
+        (``act(gate) ⊙ up`` over the two halves) runs as one Function keeping gate and up only,
+        where plain autograd also keeps act(gate) (I numbers per routed token); the same ops."""
+        base = self.__dict__["base_layer"]
+        if not getattr(base, "has_gate", True):
+            return base.act_fn(h)
+        if getattr(type(base)._apply_gate, "__name__", "") == "_default_apply_gate":
+            gate, up = h.chunk(2, dim=-1)
+            return ActMulFunction.apply(gate, up, base.act_fn)
+        return base._apply_gate(h)
 
     def _project(self, x, name: str, adapter, counts: list[int]) -> torch.Tensor:
         weight, bias = getattr(self, name), getattr(self, f"{name}_bias", None)
@@ -172,8 +184,9 @@ class AdaptedExperts(nn.Module):
         else:
             A, B, scaling = lora.lora_A, lora.lora_B, lora.scaling
             keep = "h" if lora.frozen_a else "x"
+        rows = groups(counts, sample=is_fake(x))
         return GroupedLoRAFunction.apply(
-            x, weight, bias, A, B, counts, scaling, self.is_transposed, keep
+            x, weight, bias, A, B, rows, scaling, self.is_transposed, keep
         )
 
     # -- merge ------------------------------------------------------------------------------
@@ -215,8 +228,6 @@ class AdaptedExperts(nn.Module):
 def _counts(flat: torch.Tensor, n: int) -> list[int]:
     """Routed slots per expert. On fake tensors (lorakit plan) the routing is unknown: the slots
     are assumed spread evenly, which is what the saved bytes (a function of the total) need."""
-    from .fake import is_fake
-
     if is_fake(flat):
         q, rem = divmod(flat.numel(), n)
         return [q + (e < rem) for e in range(n)]
@@ -311,8 +322,6 @@ def group_routing(model: nn.Module) -> int:
 def _check_reproduces(module: AdaptedExperts) -> None:
     """Refuse an experts class whose forward the grouped computation does not reproduce (one
     token per expert through the real weights, compared with the class's own forward)."""
-    from .fake import is_fake
-
     weight = getattr(module, module.params[0])
     if is_fake(weight) or weight.device.type == "meta":
         return

@@ -182,7 +182,8 @@ def quantize(
         transformers' ``BitsAndBytesConfig(load_in_4bit=True)`` loads).
     """
     from .bitmask import pack_mask
-    from .inject import _output_heads, _replace
+    from .inject import _replace
+    from .targets import _output_heads
 
     bnb = quant.require_bnb()
     quant.check_quant_type(quant_type)

@@ -8,7 +8,6 @@ gradient in one piece.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 import torch
@@ -26,7 +25,8 @@ if TYPE_CHECKING:
 class GroupedLoRAFunction(torch.autograd.Function):
     """One frozen linear per expert plus its low-rank branch, over tokens sorted by expert.
 
-    Shapes: x (N, in) grouped by expert with ``counts`` (E ints summing to N); W (E, out, in), or
+    Shapes: x (N, in) sorted by expert, ``groups`` its (expert, first, end) row ranges (see
+    :func:`groups`); W (E, out, in), or
     (E, in, out) when ``transposed``; b (E, out) or None; A (E, r, in) and B (E, out, r), or both
     None (no adapter); s the scaling; G = ∂L/∂y (N, out). Group e is rows x_e.
 
@@ -39,12 +39,12 @@ class GroupedLoRAFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, A, B, counts, scaling, transposed, keep):
+    def forward(ctx, x, weight, bias, A, B, groups, scaling, transposed, keep):
         out_dtype, cd = layer_dtypes(x)
         y = x.new_empty(x.shape[0], weight.shape[1 + transposed], dtype=cd)  # (N, out)
         h = None if A is None else x.new_empty(x.shape[0], A.shape[1], dtype=cd)  # (N, r)
         with torch.autocast(x.device.type, enabled=False):
-            for e, lo, hi in _groups(counts, x):
+            for e, lo, hi in groups:
                 xe, ye = x[lo:hi].to(cd), y[lo:hi]
                 w = weight[e].to(cd)
                 torch.mm(xe, w if transposed else w.t(), out=ye)
@@ -55,21 +55,21 @@ class GroupedLoRAFunction(torch.autograd.Function):
                     ye.addmm_(h[lo:hi], B[e].to(cd).t(), alpha=scaling)
         kept = {"x": x, "h": None if h is None else h.to(out_dtype), "none": None}[keep]
         ctx.save_for_backward(kept, weight, A, B)
-        ctx.meta = (tuple(counts), scaling, transposed, keep, cd, x.dtype)
+        ctx.meta = (groups, scaling, transposed, keep, cd, x.dtype)
         return y.to(out_dtype)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, g):
         kept, weight, A, B = ctx.saved_tensors
-        counts, s, transposed, keep, cd, x_dtype = ctx.meta
+        groups, s, transposed, keep, cd, x_dtype = ctx.meta
         if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
             raise RuntimeError("expert weights are frozen; their gradient is not computed")
         n_in = weight.shape[2 - transposed]
         dx = g.new_empty(g.shape[0], n_in, dtype=cd) if ctx.needs_input_grad[0] else None
         dA = torch.zeros_like(A) if ctx.needs_input_grad[3] else None
         dB = torch.zeros_like(B) if ctx.needs_input_grad[4] else None
-        for e, lo, hi in _groups(counts, g):
+        for e, lo, hi in groups:
             ge = g[lo:hi].to(cd)
             if dx is not None:
                 w = weight[e].to(cd)
@@ -90,19 +90,20 @@ class GroupedLoRAFunction(torch.autograd.Function):
         return dx, None, None, dA, dB, None, None, None, None
 
 
-def _groups(counts, t: torch.Tensor) -> Iterator[tuple[int, int, int]]:
-    """(expert, first row, end row) of every non-empty group. On fake tensors (the planner) only
-    the first group of each size runs: every group of a size allocates and frees the same, and
-    the outputs are allocated whole, so the tracked peak and saved bytes are the whole loop's
-    (Qwen3-30B-A3B, 128 experts: minutes of fake ops otherwise)."""
-    from ..fake import is_fake
+def groups(counts: list[int], sample: bool = False) -> list[tuple[int, int, int]]:
+    """(expert, first row, end row) of every non-empty group of rows sorted by expert.
 
-    fake, seen, lo = is_fake(t), set(), 0
+    ``sample``: only the first group of each size (the planner, on fake tensors): every group of
+    a size allocates and frees the same and the outputs are allocated whole, so the tracked peak
+    and saved bytes are the whole loop's (Qwen3-30B-A3B, 128 experts: minutes of fake ops
+    otherwise)."""
+    out, seen, lo = [], set(), 0
     for e, n in enumerate(counts):
-        if n and not (fake and n in seen):
-            yield e, lo, lo + n
+        if n and not (sample and n in seen):
+            out.append((e, lo, lo + n))
         seen.add(n)
         lo += n
+    return out
 
 
 # -- the adapter ------------------------------------------------------------------------------------
