@@ -8,6 +8,7 @@ Works on any ``nn.Module``; Hugging Face models need nothing special. Every matc
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections import Counter
 from collections.abc import Iterator, Mapping
 
@@ -35,7 +36,7 @@ from .quant import (
     zero_pattern,
 )
 from .routers import AdaptedRouter
-from .targets import _weight_readers, match_targets
+from .targets import _weight_readers, match_targets, skipped_experts
 
 
 def adapted_layers(model: nn.Module) -> Iterator[tuple[str, AdaptedLayer]]:
@@ -184,6 +185,9 @@ def inject(model: nn.Module, config: LoRAConfig, name: str = "default") -> nn.Mo
     """
     if not isinstance(config, LoRAConfig):
         raise TypeError(f"config must be a lorakit.LoRAConfig, got {type(config).__name__}")
+    note = skipped_experts(model, config.targets)
+    if note is not None:
+        warnings.warn(note, stacklevel=2)
     saved = modules_to_save(model, config.modules_to_save)
     # Modules trained fully are not also adapted (PEFT does the same).
     paths = [

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import re
-import warnings
 from collections import Counter
 
 from torch import nn
@@ -71,8 +70,6 @@ def match_targets(model: nn.Module, targets: str | tuple[str, ...] | list[str]) 
     named_only = tensors + router_weight_paths(model)  # routers: only when named
     if targets == ALL_LINEAR:
         found = _all_linear(model)
-        if tensors:
-            warnings.warn(_skipped_experts(tensors), stacklevel=3)
     elif isinstance(targets, str):
         try:
             pattern = re.compile(targets)
@@ -111,6 +108,14 @@ def _all_linear(model: nn.Module) -> list[str]:
         and id(m) not in heads
         and p.rsplit(".", 1)[-1] not in _HEAD_NAMES
     ]
+
+
+def skipped_experts(model: nn.Module, targets) -> str | None:
+    """The one-line note ``inject`` gives when ``all-linear`` leaves MoE expert tensors out."""
+    tensors = expert_tensor_paths(model)
+    if targets != ALL_LINEAR or not tensors:
+        return None
+    return _skipped_experts(tensors)
 
 
 def _skipped_experts(tensors: list[str]) -> str:
