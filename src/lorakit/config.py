@@ -254,6 +254,9 @@ class TrainConfig:
         False, "reduce_activation_memory: chunked loss, norm/MLP recompute, sdpa (causal LMs)"
     )
     checkpointing: bool = opt(False, "activation checkpointing per transformer block")
+    mlp_tile: int | None = opt(
+        None, "with reduce_memory: run each MLP over at most this many tokens at a time"
+    )
     init_samples: int = opt(128, "init gradient_svd: training examples whose mean gradient it uses")
     task: Literal["auto", "lm", "classify", "sft", "chat", "seq-cls"] = opt(
         "auto",
@@ -337,6 +340,7 @@ class TrainConfig:
         for name in (*nonnegative, "save_every", "weight_decay"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        _check_tile(self)
         micro = self.micro_batch_size or self.batch_size
         if self.batch_size % micro:
             valid = [d for d in range(1, self.batch_size + 1) if self.batch_size % d == 0]
@@ -405,6 +409,14 @@ class TrainConfig:
         if "method" in adapter_opts and "use_rslora" not in adapter_opts:
             defaults["use_rslora"] = None  # re-derived for the method asked for
         return cls(**run, adapter=LoRAConfig.from_dict({**defaults, **adapter_opts}))
+
+
+def _check_tile(cfg: Any) -> None:
+    if cfg.mlp_tile is not None and (cfg.mlp_tile <= 0 or not cfg.reduce_memory):
+        raise ValueError(
+            f"mlp_tile tiles the MLPs reduce_memory patches: give a positive number of tokens "
+            f"with reduce_memory on, got mlp_tile={cfg.mlp_tile} (reduce_memory={cfg.reduce_memory})"
+        )
 
 
 def _check_choice(cfg: Any, name: str) -> None:

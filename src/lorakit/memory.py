@@ -173,9 +173,20 @@ def _recompute(fn, *args):
 def _mlp_forward(self, x: torch.Tensor) -> torch.Tensor:
     """An MLP's forward as its ``_lorakit_mlp`` spec says: ``recompute`` keeps only x and re-runs
     the up-projections (adapters included) and the activation in backward; else (gated) keeps
-    gate and up and recomputes only act(gate)·up."""
-    spec = self._lorakit_mlp
-    return mlp_output(self, spec, x, _recompute if spec.recompute else None)
+    gate and up and recomputes only act(gate)·up. With a tile, the tokens go through in tiles
+    of that many (forward and recompute), each written into one output."""
+    spec, tile = self._lorakit_mlp, getattr(self, "_lorakit_tile", None)
+    recompute = _recompute if spec.recompute else None
+    flat = x.reshape(-1, x.shape[-1])  # (N, d)
+    if tile is None or flat.shape[0] <= tile:
+        return mlp_output(self, spec, x, recompute)
+    out = None
+    for i in range(0, flat.shape[0], tile):
+        y = mlp_output(self, spec, flat[i : i + tile], recompute)  # (t, d)
+        if out is None:
+            out = y.new_empty(flat.shape[0], y.shape[-1])
+        out[i : i + tile] = y  # the tile's output is freed here, not kept until a cat
+    return out.view(*x.shape[:-1], out.shape[-1])
 
 
 _LLAMA_MLP = MLPSpec("up_proj", "down_proj", "act_fn", gate="gate_proj")
@@ -203,7 +214,7 @@ def _replace_norms(model: nn.Module) -> list[str]:
     return [f"norms: {cls} (not an RMSNorm this reproduces)" for cls in sorted(kept)]
 
 
-def _patch_mlps(model: nn.Module, mode: str) -> None:
+def _patch_mlps(model: nn.Module, mode: str, tile: int | None) -> None:
     """Every MLP's forward swapped for :func:`_mlp_forward`; ``elementwise`` only where the MLP
     is gated (an up → act → down MLP has no product to recompute)."""
     for module in model.modules():
@@ -211,6 +222,7 @@ def _patch_mlps(model: nn.Module, mode: str) -> None:
         if spec is None or (mode == "elementwise" and not spec.gated):
             continue
         module._lorakit_mlp = dataclasses.replace(spec, recompute=mode == "recompute")
+        module._lorakit_tile = tile
         module.forward = types.MethodType(_mlp_forward, module)
 
 
@@ -304,6 +316,7 @@ def reduce_activation_memory(
     attention: str | None = "sdpa",
     checkpointing: bool = False,
     chunk_size: int = 1024,
+    mlp_tile: int | None = None,
 ) -> nn.Module:
     """Cut the activations a causal LM keeps for backward, in place; returns the model.
 
@@ -327,9 +340,14 @@ def reduce_activation_memory(
             is what sdpa computes), or None to leave it.
         checkpointing: also enable HF activation checkpointing per decoder layer.
         chunk_size: tokens per chunk of the fused loss.
+        mlp_tile: run every MLP over at most this many tokens at a time (forward and, with
+            ``mlp="recompute"``, the recompute in backward), so its (tokens x d_ff) transients
+            are bounded by the tile instead of the sequence; the same function (rows are
+            independent). None: the whole sequence at once.
 
     Raises:
-        ValueError: ``model`` is not a transformers causal LM, or ``mlp`` is unknown.
+        ValueError: ``model`` is not a transformers causal LM, ``mlp`` is unknown, or
+            ``mlp_tile`` is not a positive int.
     """
     parts = causal_lm_parts(model)
     if isinstance(parts, str):
@@ -340,11 +358,13 @@ def reduce_activation_memory(
         )
     if mlp not in MLP_MODES:
         raise ValueError(f"mlp={mlp!r}: expected one of {MLP_MODES}")
+    if mlp_tile is not None and (not isinstance(mlp_tile, int) or mlp_tile < 1):
+        raise ValueError(f"mlp_tile must be a positive int (tokens) or None, got {mlp_tile!r}")
     kept = _chunk_loss(model, chunk_size) if chunked_loss else []
     if recompute_norms:
         kept += _replace_norms(model)
     if mlp is not None:
-        _patch_mlps(model, mlp)
+        _patch_mlps(model, mlp, mlp_tile)
     if attention is not None:
         kept += _set_attention(model, attention)
     if kept:

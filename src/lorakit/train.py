@@ -151,7 +151,7 @@ def _adapt(model: nn.Module, cfg: TrainConfig, task: str, ctx: Context, place=Tr
     if cfg.reduce_memory:
         from .memory import reduce_activation_memory
 
-        reduce_activation_memory(model, checkpointing=cfg.checkpointing)
+        reduce_activation_memory(model, checkpointing=cfg.checkpointing, mlp_tile=cfg.mlp_tile)
     elif cfg.checkpointing:
         from .memory import enable_checkpointing
 

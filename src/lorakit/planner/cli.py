@@ -8,7 +8,8 @@ import sys
 from typing import Any
 
 RUN_FLAGS = ("model", "dtype", "quantize", "double_quant", "batch_size", "micro_batch_size")
-RUN_FLAGS += ("max_len", "reduce_memory", "checkpointing", "lr", "weight_decay", "init_samples")
+RUN_FLAGS += ("max_len", "reduce_memory", "checkpointing", "mlp_tile", "lr", "weight_decay")
+RUN_FLAGS += ("init_samples",)
 ADAPTER_FLAGS = ("method", "rank", "alpha", "targets", "adapter_dtype", "init")
 
 
