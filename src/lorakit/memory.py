@@ -293,8 +293,9 @@ def _set_attention(model: nn.Module, attention: str) -> list[str]:
     return []
 
 
-def enable_checkpointing(model: nn.Module) -> nn.Module:
-    """HF activation checkpointing per decoder layer, non-reentrant (nests, keeps RNG state)."""
+def enable_checkpointing(model: nn.Module, offload: bool = False) -> nn.Module:
+    """HF activation checkpointing per decoder layer, non-reentrant (nests, keeps RNG state);
+    ``offload``: the block inputs it keeps go to host memory (:mod:`lorakit.offload`)."""
     if not hasattr(model, "gradient_checkpointing_enable"):
         raise ValueError(
             f"activation checkpointing needs a transformers model; got {type(model).__name__}"
@@ -304,6 +305,10 @@ def enable_checkpointing(model: nn.Module) -> nn.Module:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    if offload:
+        from .offload import offload_checkpoints
+
+        offload_checkpoints(model)
     return model
 
 
@@ -317,6 +322,7 @@ def reduce_activation_memory(
     checkpointing: bool = False,
     chunk_size: int = 1024,
     mlp_tile: int | None = None,
+    offload: bool = False,
 ) -> nn.Module:
     """Cut the activations a causal LM keeps for backward, in place; returns the model.
 
@@ -339,6 +345,7 @@ def reduce_activation_memory(
         attention: set ``config._attn_implementation`` (``"sdpa"`` where the model's attention
             is what sdpa computes), or None to leave it.
         checkpointing: also enable HF activation checkpointing per decoder layer.
+        offload: with ``checkpointing``, keep the checkpointed block inputs in host memory.
         chunk_size: tokens per chunk of the fused loss.
         mlp_tile: run every MLP over at most this many tokens at a time (forward and, with
             ``mlp="recompute"``, the recompute in backward), so its (tokens x d_ff) transients
@@ -373,6 +380,8 @@ def reduce_activation_memory(
             + "; ".join(kept),
             stacklevel=2,
         )
+    if offload and not checkpointing:
+        raise ValueError("offload moves what checkpointing keeps: use it with checkpointing=True")
     if checkpointing:
-        enable_checkpointing(model)
+        enable_checkpointing(model, offload=offload)
     return model

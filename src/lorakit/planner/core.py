@@ -50,14 +50,17 @@ from typing import Any
 import torch
 from torch import nn
 
+from .. import offload
 from ..config import DTYPES, TrainConfig
 from .environment import attention_kernel, compute_policy, fake_world, one_sequence_per_row
 from .report import MemoryPlan
 from .shapes import load_config
 from .tracker import (
+    HOST,
     StorageLog,
     TrackAllocations,
     fsdp_storage_events,
+    host_peak,
     local,
     replay,
     storage_key,
@@ -227,9 +230,12 @@ def _measure(model, optimizer, params, batch, micros, world, foreach, fsdp: bool
         cats.setdefault(log.id(t), "gathered")
     hooks.exclude |= {storage_key(t) for t in gathered}
     hooks.log = log
-    _tracked(
-        log, fsdp, lambda: _step(model, optimizer, params, batch, micros, world, foreach, hooks)
-    )
+    offloaded: list[int] = []  # lifetime ids of the host copies of offloaded checkpoints
+    with offload.watch(lambda t: offloaded.append(log.id(t))):
+        _tracked(
+            log, fsdp, lambda: _step(model, optimizer, params, batch, micros, world, foreach, hooks)
+        )
+    cats.update(dict.fromkeys(offloaded, HOST))
     for uid in hooks.saved:
         cats.setdefault(uid, "activations")
     for uid in hooks.grad_ids:
@@ -241,6 +247,7 @@ def _measure(model, optimizer, params, batch, micros, world, foreach, fsdp: bool
     totals = {
         "activations": hooks.first or 0,
         "gradients": sum(biggest.get(u, 0) for u in hooks.grad_ids),
+        "host": host_peak(log.events, cats),
     }
     return peak, parts, totals
 

@@ -56,6 +56,7 @@ class MemoryPlan:
     at_peak: dict[str, int] = field(default_factory=dict)
     activations: int = 0
     gradients: int = 0
+    host: int = 0  # pinned host memory of offloaded checkpoints (training step), apart from peak
     seconds: float = 0.0
     peak_phase: str = "train_step"
     phases: dict[str, int] = field(default_factory=dict)
@@ -83,6 +84,7 @@ class MemoryPlan:
             at_peak=_ordered(parts),
             activations=totals["activations"],
             gradients=totals["gradients"],
+            host=totals.get("host", 0),
             seconds=seconds,
             peak_phase=top,
             phases={k: phases[k][0] for k in order},
@@ -99,7 +101,13 @@ class MemoryPlan:
         how = f"{self.strategy} x{self.world_size}" if self.world_size > 1 else self.strategy
         quant = f", {self.quantize} base" if self.quantize != "none" else ""
         extra = [
-            n for n, on in (("reduce", self.reduce_memory), ("ckpt", self.checkpointing)) if on
+            n
+            for n, on in (
+                ("reduce", self.reduce_memory),
+                ("ckpt", self.checkpointing),
+                ("offload", self.host > 0),
+            )
+            if on
         ]
         lines = [
             f"{self.model} · {self.label}{quant} · {self.dtype} · {how} · micro-batch "
@@ -112,6 +120,11 @@ class MemoryPlan:
         for k, v in self.at_peak.items():
             lines.append(f"  {LABELS[k]:<{width}}  {gib(v):>12}{self._note(k)}")
         lines.append(f"  {'peak':<{width}}  {gib(self.peak):>12}")
+        if self.host:
+            lines.append(
+                f"  {'host memory (offloaded, pinned)':<{width}}  {gib(self.host):>12}"
+                "   (apart from the peak)"
+            )
         if len(self.phases) > 1:
             lines.append("peak of each phase:")
             for k, v in self.phases.items():

@@ -134,20 +134,36 @@ def fsdp_storage_events(log: StorageLog) -> Iterator[None]:
             setattr(m, name, fn)
 
 
+HOST = "host"  # offloaded activation checkpoints: host memory, apart from the device's
+
+
 def replay(
     events: list[tuple[int, int]], category: dict[int, str], default: str = "transient"
 ) -> tuple[int, dict[str, int]]:
-    """The peak of live bytes over ``events`` and what each category held at that moment."""
+    """The peak of live device bytes over ``events`` and what each category held at that moment
+    (storages of category :data:`HOST` are host memory: see :func:`host_peak`)."""
     live: dict[str, int] = {}
     total = peak = 0
     at_peak: dict[str, int] = {}
     for key, delta in events:
         cat = category.get(key, default)
+        if cat == HOST:
+            continue
         live[cat] = live.get(cat, 0) + delta
         total += delta
         if total > peak:
             peak, at_peak = total, dict(live)
     return peak, {k: v for k, v in at_peak.items() if v}
+
+
+def host_peak(events: list[tuple[int, int]], category: dict[int, str]) -> int:
+    """The peak of live :data:`HOST` bytes over ``events``."""
+    total = peak = 0
+    for key, delta in events:
+        if category.get(key) == HOST:
+            total += delta
+            peak = max(peak, total)
+    return peak
 
 
 def live_peak(fn: Callable[[], object], persistent: Iterable[torch.Tensor] = ()) -> int:
