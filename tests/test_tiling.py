@@ -81,3 +81,17 @@ def test_plan_models_the_tile(tmp_path):
     untiled, tiled = plan(**flat), plan(**flat, mlp_tile=64)
     assert tiled.activations == untiled.activations  # tiling saves nothing more or less
     assert tiled.peak < untiled.peak
+
+
+def test_loss_chunk_follows_the_vocabulary():
+    from lorakit.memory import loss_chunk
+
+    assert [loss_chunk(v) for v in (128, 49152, 65536, 128256, 262208)] == [
+        1024,
+        1024,
+        1024,
+        512,
+        128,
+    ]
+    model = lk.reduce_activation_memory(zoo.build("llama"))
+    assert model._lorakit_chunk == 1024

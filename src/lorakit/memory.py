@@ -49,7 +49,7 @@ from .fused import (
     SiLUMulFunction,
     acc_dtype,
 )
-from .quant import is_quantized
+from .quant import dense_shape, is_quantized
 from .structure import (
     MLPSpec,
     causal_lm_parts,
@@ -261,13 +261,23 @@ def _chunked_forward(self, input_ids=None, attention_mask=None, labels=None, **k
     )
 
 
-def _chunk_loss(model: nn.Module, chunk_size: int) -> list[str]:
+def loss_chunk(vocab: int) -> int:
+    """Tokens per chunk of the fused loss: 1024, fewer for large vocabularies so that a chunk's
+    fp32 logits stay within 2^26 values (256 MiB): 512 at Llama-3's 128,256, 128 at Gemma 3's
+    262,208 (a chunk's logits are the loss's largest transient)."""
+    chunk = 1024
+    while chunk > 64 and chunk * vocab > 2**26:
+        chunk //= 2
+    return chunk
+
+
+def _chunk_loss(model: nn.Module, chunk_size: int | None) -> list[str]:
     """The chunked loss installed where :func:`lorakit.structure.loss_path` reproduces the
     model's logits; else what it cannot reproduce."""
     path, refused = loss_path(model)
     if path is None:
         return [f"loss: {r} (the model's own loss stays)" for r in refused]
-    model._lorakit_chunk = chunk_size
+    model._lorakit_chunk = chunk_size or loss_chunk(dense_shape(path.head.weight)[0])
     if not hasattr(model, "_lorakit_dense_forward"):
         model._lorakit_dense_forward = model.forward
         model.forward = types.MethodType(_chunked_forward, model)
@@ -320,7 +330,7 @@ def reduce_activation_memory(
     mlp: str | None = "recompute",
     attention: str | None = "sdpa",
     checkpointing: bool = False,
-    chunk_size: int = 1024,
+    chunk_size: int | None = None,
     mlp_tile: int | None = None,
     offload: bool = False,
 ) -> nn.Module:
@@ -346,7 +356,8 @@ def reduce_activation_memory(
             is what sdpa computes), or None to leave it.
         checkpointing: also enable HF activation checkpointing per decoder layer.
         offload: with ``checkpointing``, keep the checkpointed block inputs in host memory.
-        chunk_size: tokens per chunk of the fused loss.
+        chunk_size: tokens per chunk of the fused loss; None: :func:`loss_chunk` of the vocabulary
+            (1024 up to 65,536 entries, fewer above).
         mlp_tile: run every MLP over at most this many tokens at a time (forward and, with
             ``mlp="recompute"``, the recompute in backward), so its (tokens x d_ff) transients
             are bounded by the tile instead of the sequence; the same function (rows are
