@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import machine, write  # noqa: E402
+from common import machine, splice, write  # noqa: E402
 
 import lorakit as lk  # noqa: E402
 from lorakit.config import DTYPES, TrainConfig  # noqa: E402
@@ -172,7 +172,49 @@ def cost(args: list[str]) -> tuple[float, int]:
     return seconds, int(run.stderr.strip().splitlines()[-1])
 
 
+FIT_START, FIT_END = "<!-- fit: SECTION=fit bench/plan_validate.py -->", "<!-- /fit -->"
+
+
+def fit_section(budget: str = "1.5GiB") -> list[str]:
+    """``lorakit train --fit`` on SmolLM2-135M at 4 x 2,048 tokens: the setting it chooses, and
+    the resident growth of real steps in that setting next to the plan."""
+    from lorakit.planner.choose import choose
+
+    MiB = 1024**2
+    flat = {"model": "smollm2-135m", "method": "lora", "batch_size": 4, "max_len": 2048}
+    tried: list[str] = []
+    chosen, p = choose(TrainConfig.from_flat(flat), budget, target="cpu", report=tried.append)
+    keys = {k: getattr(chosen, k) for k in ("micro_batch_size", "reduce_memory", "checkpointing")}
+    keys |= {"mlp_tile": chosen.mlp_tile, "offload": chosen.offload}
+    want, got = planned_growth({**flat, **keys}), measured({**flat, **keys})["increase"]
+    held = p.phase_at_peak[p.peak_phase]
+    static = held.get("weights", 0) + held.get("trainable", 0)
+    lines = [
+        FIT_START,
+        "",
+        f"## `lorakit train --fit {budget}` (SmolLM2-135M, float32, LoRA, batch 4 x 2,048)",
+        "",
+        "What it tried, in order (planned on this CPU):",
+        "",
+    ]
+    lines += [f"- {t}" for t in tried]
+    lines += [
+        "",
+        f"Chosen: {keys}. Planned peak {p.peak / MiB:.0f} MiB, of which weights and trainable "
+        f"parameters {static / MiB:.0f} MiB. Real steps in that setting (a fresh process, as "
+        f"above): resident growth {got / MiB:.1f} MiB against {want / MiB:.1f} MiB planned "
+        f"({got / want:.3f}x), so weights + growth = {(static + got) / MiB:.0f} MiB of the "
+        f"{budget} budget.",
+        "",
+        FIT_END,
+    ]
+    return lines
+
+
 def main() -> None:
+    if os.environ.get("SECTION") == "fit":
+        splice("plan_validate.md", fit_section(), "Command: `")
+        return
     quick = os.environ.get("CASES", "all") == "quick"
     MiB = 1024**2
     lines = [
@@ -226,6 +268,7 @@ def main() -> None:
         seconds, rss = cost(args)
         lines.append(f"| {label} | {seconds:.1f} | {rss / MiB:.0f} |")
         print(lines[-1], flush=True)
+    lines += ["", *fit_section()]
     lines += ["", "Command: `.venv/bin/python bench/plan_validate.py`"]
     write("plan_validate.md", "\n".join(lines) + "\n")
 

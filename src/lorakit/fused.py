@@ -145,8 +145,8 @@ class ActMulFunction(torch.autograd.Function):
     """y = act(g) ⊙ u for an element-wise ``act`` (SiLU, GELU-tanh, ...), keeping g and u only.
 
     Shapes: g, u (..., f). saves: g, u; act(g) (f values per token) is recomputed.
-    backward: du = dy ⊙ act(g);  dg = act'(g) ⊙ (dy ⊙ u), by autograd through ``act`` re-run on
-    g: the kernels plain autograd runs on the same inputs, so the gradients are the same.
+    backward: du = dy ⊙ act(g);  dg = act'(g) ⊙ (dy ⊙ u), by ``torch.func.vjp`` of ``act`` re-run
+    on g: the kernels plain autograd runs on the same inputs, so the gradients are the same.
     """
 
     @staticmethod
@@ -160,11 +160,11 @@ class ActMulFunction(torch.autograd.Function):
     def backward(ctx, dy):
         g, u = ctx.saved_tensors
         need_g, need_u = ctx.needs_input_grad[:2]
-        with torch.enable_grad():
-            leaf = g.detach().requires_grad_(need_g)
-            a = ctx.act(leaf)
-        du = dy * a.detach() if need_u else None
-        dg = torch.autograd.grad(a, leaf, dy * u)[0] if need_g else None
+        # torch.func.vjp: the activation's own derivative kernels, as autograd runs them, and
+        # traceable by torch.compile (an autograd.grad call would break its graph)
+        a, vjp = torch.func.vjp(ctx.act, g)
+        du = dy * a if need_u else None
+        dg = vjp(dy * u)[0] if need_g else None
         return dg, du, None
 
 

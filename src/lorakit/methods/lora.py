@@ -76,7 +76,7 @@ def add_low_rank(y: torch.Tensor, h: torch.Tensor, B: torch.Tensor, scaling: flo
     cd = compute_dtype(y)
     if cd == y.dtype:
         return y.addmm_(h.to(cd), B.to(cd).t(), alpha=scaling)
-    return y.add_(h.to(cd) @ B.to(cd).t(), alpha=scaling)
+    return y.add_((h.to(cd) @ B.to(cd).t()).mul_(scaling))  # no alpha: see lora_fa's backward
 
 
 def embed_low_rank(

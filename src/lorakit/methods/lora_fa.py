@@ -87,10 +87,15 @@ class LoRAFAFunction(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             w = dense(weight, cd, ctx.qs)  # a 4-bit weight is dequantized again, transiently
             dx = g_c @ (w.t() if ctx.fan_in_fan_out else w)  # (N, in)
-            dxd = (g_c @ B.to(cd)) @ A.to(cd)  # (N, in): gradient through the adapter branch
-            if ctx.p > 0:
-                dxd.mul_(_dropout_mask(shape, ctx.p, cd, device, rng))
-            dx = dx.add_(dxd, alpha=s).to(dtype)
+            gb = g_c @ B.to(cd)  # (N, r)
+            if ctx.p > 0:  # the adapter branch's (N, in) gradient, masked as forward dropped
+                dxd = (gb @ A.to(cd)).mul_(_dropout_mask(shape, ctx.p, cd, device, rng))
+                dx = dx.add_(dxd.mul_(s))
+            else:
+                # addmm_, not add_(…, alpha=s): inductor (torch 2.13) miscompiles the latter in
+                # a custom Function's backward (tests/test_compile.py)
+                dx = dx.addmm_(gb, A.to(cd), alpha=s)
+            dx = dx.to(dtype)
         if ctx.needs_input_grad[4]:
             dB = ((g_c.t() @ h.to(cd)) * s).to(B.dtype)  # (out, r)
         return dx, None, None, None, dB, None, None, None

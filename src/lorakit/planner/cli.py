@@ -9,7 +9,7 @@ from typing import Any
 
 RUN_FLAGS = ("model", "dtype", "quantize", "double_quant", "batch_size", "micro_batch_size")
 RUN_FLAGS += ("max_len", "reduce_memory", "checkpointing", "mlp_tile", "lr", "weight_decay")
-RUN_FLAGS += ("init_samples",)
+RUN_FLAGS += ("init_samples", "offload")
 ADAPTER_FLAGS = ("method", "rank", "alpha", "targets", "adapter_dtype", "init")
 
 
