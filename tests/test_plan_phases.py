@@ -222,8 +222,11 @@ def test_the_run_code_holds_what_is_planned(tiny, text_file, tmp_path, keys):
     """train.setup's gradient-SVD init, train_step and tasks.evaluate, measured: each holds the
     planned peak, plus in validation the rows of its share of the validation set that are not
     in the batch being run (8 bytes per token; the planner knows no data set)."""
-    from lorakit import tasks, train
+    import importlib
 
+    from lorakit import tasks
+
+    train = importlib.import_module("lorakit.train")  # the loop's module; lk.train: the entry
     flat = {"model": str(tiny), "data": str(text_file), "val_data": str(text_file)}
     flat |= {"batch_size": 2, "max_len": 64, "eval_examples": 5, "output": str(tmp_path / "run")}
     cfg = TrainConfig.from_flat(flat | {"progress": False, **keys})

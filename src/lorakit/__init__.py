@@ -6,11 +6,13 @@ cfg = lk.LoRAConfig(method="lora", rank=16, alpha=32, targets="all-linear")
 model = lk.inject(model, cfg)
 lk.save_adapter(model, "out/adapter")       # PEFT format
 model = lk.merge(model)                     # plain layers again
+summary = lk.train(model="smollm2-135m", data="rotten-tomatoes", max_steps=10, output="out")
 ```
 """
 
 from .adapters import load_adapter, save_adapter
-from .config import LoRAConfig
+from .api import train  # lk.train(...); the loop itself stays importable from lorakit.train
+from .config import LoRAConfig, TrainConfig
 from .gradient_init import gradient_svd_init
 from .inject import (
     active_adapter,
@@ -37,6 +39,7 @@ __version__ = "0.1.0"
 __all__ = [
     "AdaptedLayer",
     "LoRAConfig",
+    "TrainConfig",
     "active_adapter",
     "adapted_layers",
     "adapter_names",
@@ -58,5 +61,6 @@ __all__ = [
     "reduce_activation_memory",
     "save_adapter",
     "set_adapter",
+    "train",
     "unload",
 ]

@@ -19,6 +19,7 @@ from .adapters import copy_adapter_weights, read_adapter
 from .config import TrainConfig
 from .distributed import SINGLE, Context
 from .fileio import atomic_folder
+from .schedule import LENGTH_KEYS, extends
 
 # Fields that may change between a run and its resumption (they do not change the math).
 RESUMABLE_CHANGES = (
@@ -26,9 +27,14 @@ RESUMABLE_CHANGES = (
     "save_every",
     "eval_examples",
     "progress",
+    "report_to",
+    "early_stopping_patience",  # when to stop, not what a step computes
     "output",
     "device",
     "strategy",  # DDP and FSDP compute the same thing; so does any world size dividing the batch
+    "offload",  # where the checkpointed inputs wait, not what they are
+    "compile",  # the same function, fused
+    "fit",  # a budget: what it chose is checked as any other key
 )
 
 
@@ -45,10 +51,12 @@ def save_checkpoint(
     step: int,
     ctx: Context = SINGLE,
     fingerprint: dict[str, Any] | None = None,
+    grad_scaler: dict[str, Any] | None = None,
 ) -> None:
     """Write a checkpoint to ``folder`` atomically (temp folder, then renames).
 
-    ``fingerprint`` (:func:`data_fingerprint`) is kept so that a resume on other data refuses.
+    ``fingerprint`` (:func:`data_fingerprint`) is kept so that a resume on other data refuses;
+    ``grad_scaler``: a float16 run's loss-scaler state (:mod:`lorakit.precision`).
     Distributed: every rank calls this (sharded tensors are gathered whole, every rank's RNG
     state is collected); rank 0 alone writes.
     """
@@ -87,6 +95,8 @@ def save_checkpoint(
             "scheduler": {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"},
             "fingerprint": fingerprint,
         }
+        if grad_scaler:
+            meta["grad_scaler"] = grad_scaler
         (tmp / "trainer_state.json").write_text(json.dumps(meta, indent=2))
 
 
@@ -106,7 +116,8 @@ def check_resumable(saved: dict[str, Any], cfg: TrainConfig) -> None:
     """
     then = TrainConfig.from_flat(saved).to_flat()
     now = cfg.to_flat()
-    diff = [k for k in now if k not in RESUMABLE_CHANGES and then.get(k) != now[k]]
+    may_change = RESUMABLE_CHANGES + (LENGTH_KEYS if extends(then, now) else ())  # more steps
+    diff = [k for k in now if k not in may_change and then.get(k) != now[k]]
     if diff:
         detail = ", ".join(f"{k}: {then.get(k)!r} -> {now[k]!r}" for k in diff)
         raise ValueError(

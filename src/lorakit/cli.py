@@ -14,14 +14,18 @@ from typing import Any
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 from .config import parse_list  # noqa: E402
-from .flags import add_config_flags, read_config_file  # noqa: E402
+from .fileio import save_pretrained  # noqa: E402
+from .flags import add_config_flags, load_options, read_config_file  # noqa: E402
+from .generate_cli import add_command as generate_command  # noqa: E402
+from .interrupt import report as report_interrupt  # noqa: E402
+from .progress import add_flags as progress_flags  # noqa: E402
 
 
 def _common(p: argparse.ArgumentParser) -> None:
     from .config import TrainConfig
 
     only = ("model", "data", "dtype", "quantize", "double_quant", "seed", "max_len")
-    add_config_flags(p, TrainConfig, only=only, suppress=False)
+    add_config_flags(p, TrainConfig, only=(*only, "attn_implementation"), suppress=False)
 
 
 def _train_args(p: argparse.ArgumentParser) -> None:
@@ -66,14 +70,14 @@ def table(rows: list[tuple[str, str]], title: str = "") -> str:
 
 def cmd_train(a: argparse.Namespace) -> int:
     from . import distributed
-    from .train import train
+    from .api import train  # --fit's planning step lives there
 
     try:
-        result = train(_train_config(a), resume=a.resume, overwrite=a.overwrite)
+        summary = train(_train_config(a), resume=a.resume, overwrite=a.overwrite)
     finally:
         distributed.teardown(distributed.setup())
     if os.environ.get("RANK", "0") == "0":
-        print(_summary_table(result["summary"]))
+        print(_summary_table(summary))
     return 0
 
 
@@ -91,24 +95,9 @@ def _summary_table(s: dict) -> str:
         ("final train loss", f"{s['final_loss']:.4f}" if s["final_loss"] is not None else "-"),
     ]
     rows += [(k, f"{v:.4f}") for k, v in s.items() if k.startswith("val_")]
+    rows += [("note", n) for n in s.get("notes", [])]  # early stopping, the best adapter
     rows.append(("output", s["output"]))
     return table(rows, "Training summary")
-
-
-def _base_kwargs(a: argparse.Namespace) -> dict[str, Any]:
-    """load_model's dtype / 4-bit options for ``eval``: a LoRS adapter needs the base quantized
-    by lorakit, which keeps the pruned zero pattern."""
-    from .config import DTYPES
-
-    kw: dict[str, Any] = {"dtype": DTYPES[a.dtype]}
-    if a.quantize != "none":
-        kw |= {"quantize": a.quantize, "double_quant": a.double_quant}
-        if a.adapter:  # read (and checked) here, then again, small, by load_adapter
-            from .peft_format import read_adapter
-
-            method = read_adapter(a.adapter).metadata.get("lorakit_method")
-            kw["keep_pattern"] = method == "lors"
-    return kw
 
 
 def cmd_eval(a: argparse.Namespace) -> int:
@@ -130,10 +119,10 @@ def cmd_eval(a: argparse.Namespace) -> int:
             a.model,
             task="sequence-classification",
             num_labels=len(classes.values),
-            **_base_kwargs(a),
+            **load_options(a),
         )
     else:
-        model, tok = load_model(a.model, **_base_kwargs(a))
+        model, tok = load_model(a.model, **load_options(a))
         if labelled:
             classes = eval_classes(spec, records, tokenizer=tok, prompt=a.prompt, **names)
     if a.adapter:
@@ -164,71 +153,9 @@ def cmd_merge(a: argparse.Namespace) -> int:
     model, tok = load_model(a.model, dtype=DTYPES[a.dtype])
     merge(load_adapter(model, a.adapter))
     out = Path(a.output)
-    model.save_pretrained(out)
-    tok.save_pretrained(out)
+    save_pretrained(out, model, tok)  # files 0644 under a 022 umask, as adapters are
     print(f"merged model written to {out}")
     return 0
-
-
-def cmd_generate(a: argparse.Namespace) -> int:
-    from .adapters import load_adapter
-    from .config import DTYPES
-    from .generate import prompt_format, session
-    from .inject import merge
-    from .models import load_model
-    from .scoring import saved_spec
-
-    if not a.interactive and a.prompt is None:
-        raise ValueError("give --prompt TEXT, or --interactive for a conversation")
-    spec = saved_spec(a.adapter)
-    model, tok = load_model(a.model, dtype=DTYPES[a.dtype])
-    if a.adapter:  # merged: answers cost what the base model costs (LoRS stays sparse)
-        model = merge(load_adapter(model, a.adapter))
-    session(
-        model,
-        tok,
-        a.prompt,
-        chat=prompt_format(tok, spec, a.format) == "chat",
-        template=a.chat_template or spec.get("chat_template"),
-        wrap=spec.get("classes", {}).get("template") or "{text}",
-        system=a.system,
-        interactive=a.interactive,
-        max_new_tokens=a.max_new_tokens,
-        temperature=a.temperature,
-        top_p=a.top_p,
-        seed=a.seed,
-    )
-    return 0
-
-
-def _generate_command(sub) -> None:
-    p = sub.add_parser(
-        "generate",
-        help="chat with a model (and an adapter), the answer streamed",
-        description="Render the conversation with the model's chat template and stream the answer.",
-    )
-    p.add_argument("--model", default="smollm2-135m", help="base model (or a merged one)")
-    p.add_argument("--adapter", default=None, help="adapter folder (lorakit or PEFT), merged first")
-    p.add_argument("--prompt", default=None, help="the user's message")
-    p.add_argument("--system", default=None, help="a system prompt")
-    p.add_argument("--interactive", action="store_true", help="a multi-turn session on stdin")
-    p.add_argument("--max-new-tokens", type=int, default=256, help="longest answer (tokens)")
-    p.add_argument("--temperature", type=float, default=0.7, help="0: greedy")
-    p.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling threshold")
-    p.add_argument("--seed", type=int, default=0, help="sampling seed")
-    p.add_argument("--chat-template", default=None, help="a Jinja chat template file")
-    p.add_argument(
-        "--format",
-        default="auto",
-        choices=["auto", "chat", "plain"],
-        help="chat: render the chat template; plain: continue the prompt as given (a "
-        "classification adapter's prompt filled with it); auto: what the adapter was trained "
-        "on, else chat if the tokenizer has a template",
-    )
-    p.add_argument(
-        "--dtype", default="float32", choices=["float32", "bfloat16"], help="model dtype"
-    )
-    p.set_defaults(func=cmd_generate)
 
 
 def cmd_prune(a: argparse.Namespace) -> int:
@@ -248,11 +175,11 @@ def cmd_prune(a: argparse.Namespace) -> int:
         n_samples=a.samples,
         seq_len=a.seq_len,
     )
-    rows = [(path, f"{frac:.1%}") for path, frac in report.items()]
-    print(table(rows, f"Achieved sparsity ({a.method}, {a.sparsity})"))
     out = Path(a.output)
-    model.save_pretrained(out)
-    tok.save_pretrained(out)
+    save_pretrained(out, model, tok)  # files 0644 under a 022 umask, as adapters are
+    (out / "sparsity.json").write_text(json.dumps(report, indent=2))  # per layer
+    mean, where = sum(report.values()) / len(report), out / "sparsity.json"
+    print(f"sparsity {mean:.1%} ({a.method} {a.sparsity}, mean of {len(report)} layers: {where})")
     print(f"pruned model written to {out}")
     return 0
 
@@ -310,8 +237,8 @@ def _eval_command(sub) -> None:
         "--limit",
         type=int,
         default=0,
-        help="score the first N examples only (plain text: the first N windows of --max-len "
-        "tokens); 0: all",
+        help="score the first N examples (labelled, prompt/completion, chat data) or, on plain "
+        "text, the first N windows of --max-len tokens (not N documents); 0: all",
     )
     p.add_argument("--batch-size", type=int, default=16, help="examples per forward pass")
     p.add_argument(
@@ -341,7 +268,7 @@ def _merge_command(sub) -> None:
     p.add_argument("--adapter", required=True, help="adapter folder (lorakit or PEFT)")
     p.add_argument("--output", required=True, help="output folder for the merged model")
     p.add_argument(
-        "--dtype", default="float32", choices=["float32", "bfloat16"], help="model dtype"
+        "--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="model dtype"
     )
     p.set_defaults(func=cmd_merge)
 
@@ -412,10 +339,11 @@ def build_parser() -> argparse.ArgumentParser:
     _merge_command(sub)
     _prune_command(sub)
     _demo_command(sub)
-    _generate_command(sub)
+    generate_command(sub)
     from .planner.cli import add_command as plan_command
 
     plan_command(sub)
+    progress_flags(sub)  # --progress / --no-progress on every command
     return parser
 
 
@@ -434,6 +362,9 @@ def main(argv: list[str] | None = None) -> int:
     ) as e:
         print(f"lorakit {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as e:  # Ctrl-C: no traceback; train prints its --resume command
+        given = sys.argv[1:] if argv is None else argv
+        return report_interrupt(args.command, e, given, lambda: _train_config(args).output)
     if args.command != "demo" and os.environ.get("RANK", "0") == "0":  # torchrun: rank 0 talks
         print(f"({time.perf_counter() - t0:.1f} s)", file=sys.stderr)
     return code

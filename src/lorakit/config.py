@@ -9,6 +9,9 @@ from typing import Any, Literal
 
 import torch
 
+from .constants import BUILTIN_DATA
+from .precision import Attention, check_precision
+
 Method = Literal["lora", "lora_fa", "lors"]
 
 
@@ -45,12 +48,8 @@ CAPABILITIES: dict[str, Capabilities] = {
 }
 METHODS: tuple[str, ...] = tuple(CAPABILITIES)
 INITS: tuple[str, ...] = ("kaiming", "gaussian", "gradient_svd")
-DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "float16": torch.float16,
-    "float64": torch.float64,
-}
+DTYPE_NAMES = ("float32", "bfloat16", "float16", "float64")
+DTYPES: dict[str, torch.dtype] = {name: getattr(torch, name) for name in DTYPE_NAMES}
 
 
 def opt(default: Any, help: str, **meta: Any) -> Any:
@@ -244,7 +243,7 @@ class TrainConfig:
     model: str = opt("smollm2-135m", "embedded model (smollm2-135m, minilm), HF folder or hub id")
     data: str = opt(
         "rotten-tomatoes",
-        "built-in dataset (rotten-tomatoes, shakespeare), .jsonl/.txt/.csv file or datasets name",
+        f"built-in dataset ({', '.join(BUILTIN_DATA)}), .jsonl/.txt/.csv file or datasets name",
     )
     val_data: str | None = opt(
         None, "validation data; default: the dataset's validation split (none for a local file)"
@@ -254,6 +253,13 @@ class TrainConfig:
         False, "reduce_activation_memory: chunked loss, norm/MLP recompute, sdpa (causal LMs)"
     )
     checkpointing: bool = opt(False, "activation checkpointing per transformer block")
+    compile: bool = opt(False, "torch.compile the model (inductor): same loss, fused kernels")
+    offload: bool = opt(
+        False, "with checkpointing: keep the checkpointed block inputs in host memory"
+    )
+    fit: str | None = opt(
+        None, "a memory budget (e.g. 24GiB): plan first, take the cheapest setting that fits"
+    )
     mlp_tile: int | None = opt(
         None, "with reduce_memory: run each MLP over at most this many tokens at a time"
     )
@@ -281,6 +287,7 @@ class TrainConfig:
         parse=parse_list,
     )
     max_steps: int = opt(100, "optimizer steps")
+    epochs: float = opt(0.0, "passes over the training data; sets max_steps (0: max_steps decides)")
     batch_size: int = opt(16, "global batch, in examples (lm: windows of max_len tokens)")
     micro_batch_size: int = opt(0, "examples per forward pass (accumulation); 0: the whole batch")
     lr: float = opt(1e-3, "peak learning rate")
@@ -288,7 +295,8 @@ class TrainConfig:
     schedule: Literal["cosine", "linear", "constant"] = opt("cosine", "schedule after warmup")
     weight_decay: float = opt(0.0, "AdamW weight decay")
     max_grad_norm: float = opt(1.0, "gradient clipping (0: off)")
-    dtype: Literal["float32", "bfloat16"] = opt("float32", "model dtype")
+    dtype: Literal["float32", "bfloat16", "float16"] = opt("float32", "model dtype")
+    attn_implementation: Attention = opt("auto", "attention kernel; auto: the model's default")
     quantize: Literal["none", "nf4", "fp4"] = opt(
         "none", "4-bit frozen base (QLoRA, bitsandbytes): nf4 | fp4; none: full precision"
     )
@@ -296,10 +304,17 @@ class TrainConfig:
     seed: int = opt(0, "random seed")
     max_len: int = opt(256, "tokens per example (lm: window length); prompts cut from the left")
     eval_every: int = opt(0, "evaluate every N steps (0: at the end only)")
+    early_stopping_patience: int = opt(0, "stop after N evals without a better val metric (0: off)")
     eval_examples: int = opt(0, "validation examples per evaluation (0: all)")
     save_every: int = opt(50, "checkpoint every N steps (0: only at the end)")
     output: str = opt("runs/lorakit", "output folder: adapter, checkpoint, metrics, plot")
     progress: bool = opt(True, "progress bar")
+    report_to: tuple[str, ...] = opt(
+        (),
+        "experiment trackers: tensorboard (<output>/tensorboard), wandb (honours WANDB_MODE, "
+        "WANDB_PROJECT); CLI: tensorboard,wandb (default: none)",
+        parse=parse_list,
+    )
     device: str = opt("auto", "auto (cuda if available; torchrun: cuda:LOCAL_RANK), cpu, cuda:N")
     strategy: Literal["ddp", "fsdp"] = opt(
         "ddp",
@@ -312,6 +327,7 @@ class TrainConfig:
             raise ValueError(f"adapter must be a LoRAConfig or None, got {self.adapter!r}")
         for name in ("task", "prompt", "schedule", "dtype", "strategy", "quantize"):
             _check_choice(self, name)
+        check_precision(self)  # float16 (a loss scaler), attn_implementation
         if self.quantize != "none" and self.adapter is None:
             raise ValueError(
                 "full fine-tuning trains every weight, but a 4-bit weight has no gradient; "
@@ -336,8 +352,8 @@ class TrainConfig:
         for name in ("max_steps", "batch_size", "max_len", "lr", "init_samples"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-        nonnegative = ("micro_batch_size", "max_grad_norm", "eval_every", "eval_examples")
-        for name in (*nonnegative, "save_every", "weight_decay"):
+        nonnegative = ("micro_batch_size", "max_grad_norm", "eval_every", "eval_examples", "epochs")
+        for name in (*nonnegative, "save_every", "weight_decay", "early_stopping_patience"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         _check_tile(self)
@@ -354,6 +370,9 @@ class TrainConfig:
         if len(set(names)) != len(names):
             raise ValueError(f"label_names must be distinct, got {list(names)}")
         object.__setattr__(self, "label_names", tuple(names))
+        from .tracking import checked_trackers
+
+        object.__setattr__(self, "report_to", checked_trackers(self.report_to))
         if not 0 <= self.warmup < 1:
             raise ValueError(f"warmup is a fraction of max_steps in [0, 1), got {self.warmup}")
         try:
@@ -396,15 +415,14 @@ class TrainConfig:
         unknown = sorted(set(data) - set(valid))
         if unknown:
             raise ValueError(f"unknown config keys {unknown}; valid keys are {sorted(valid)}")
+        from .fieldtypes import coerce_fields  # "4e-3" (YAML 1.1), "0.004", 4e-3: one float
+
+        data = coerce_fields(data, cls, LoRAConfig, choices={"method": (FULL,)})
         lora_keys = {f.name for f in dataclasses.fields(LoRAConfig)}
         run = {k: v for k, v in data.items() if k not in lora_keys}
         adapter_opts = {k: v for k, v in data.items() if k in lora_keys}
         if adapter_opts.get("method") == FULL:  # other adapter keys configure nothing then
             return cls(**run, adapter=None)
-        if adapter_opts.get("init", "kaiming") not in INITS:
-            raise ValueError(
-                f"init must be kaiming, gaussian or gradient_svd, got {adapter_opts['init']!r}"
-            )
         defaults = TRAIN_ADAPTER.to_dict()
         if "method" in adapter_opts and "use_rslora" not in adapter_opts:
             defaults["use_rslora"] = None  # re-derived for the method asked for
@@ -412,11 +430,14 @@ class TrainConfig:
 
 
 def _check_tile(cfg: Any) -> None:
-    if cfg.mlp_tile is not None and (cfg.mlp_tile <= 0 or not cfg.reduce_memory):
-        raise ValueError(
-            f"mlp_tile tiles the MLPs reduce_memory patches: give a positive number of tokens "
-            f"with reduce_memory on, got mlp_tile={cfg.mlp_tile} (reduce_memory={cfg.reduce_memory})"
-        )
+    for name, needs in (("offload", "checkpointing"), ("mlp_tile", "reduce_memory")):
+        if getattr(cfg, name) not in (None, False) and not getattr(cfg, needs):
+            raise ValueError(
+                f"{name} needs {needs} on (offload moves what checkpointing keeps; "
+                f"mlp_tile tiles the MLPs reduce_memory patches)"
+            )
+    if cfg.mlp_tile is not None and cfg.mlp_tile <= 0:
+        raise ValueError(f"mlp_tile must be a positive number of tokens, got {cfg.mlp_tile}")
 
 
 def _check_choice(cfg: Any, name: str) -> None:

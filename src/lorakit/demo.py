@@ -16,6 +16,7 @@ from . import data
 from .classify import classification_prompt, classify
 from .config import TrainConfig
 from .evaluate import accuracy
+from .fileio import save_pretrained
 from .inject import merge
 from .models import load_model
 from .train import train
@@ -85,8 +86,7 @@ def run_demo(
     merged_preds = classify(model, tok, prompts[:n_check], words)
     agree = sum(a == b for a, b in zip(merged_preds, tuned_preds[:n_check], strict=True)) / n_check
     merged_dir = Path(output) / "merged"
-    model.save_pretrained(merged_dir)
-    tok.save_pretrained(merged_dir)
+    save_pretrained(merged_dir, model, tok)  # 0644 files, as adapters
 
     rows = [
         ("zero-shot accuracy", f"{zero_shot:.1%}"),
@@ -162,8 +162,7 @@ def run_sparse_demo(output: str = "runs/demo-sparse", max_steps: int | None = No
     two_four = all(bool(((m.weight.reshape(-1, 4) != 0).sum(-1) <= 2).all()) for m, _ in layers)
     merged = perplexity(model, held_out)
     merged_dir = Path(output) / "merged"
-    model.save_pretrained(merged_dir)
-    tok.save_pretrained(merged_dir)
+    save_pretrained(merged_dir, model, tok)  # 0644 files, as adapters
     kinds = {type(m).__name__ for m in model.modules()}
     rows = [
         ("dense perplexity", f"{dense:.2f}"),
@@ -197,7 +196,6 @@ def _wanda(model, tok, cfg_d) -> tuple[dict[str, torch.Tensor], str]:
         tokenizer=tok,
         n_samples=cfg_d["calibration"],
         seq_len=cfg_d["max_len"],
-        progress=False,
     )
     mean_sp = sum(achieved.values()) / len(achieved)
     what = (

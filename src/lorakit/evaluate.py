@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import progress
 from .constants import IGNORE_INDEX as IGNORE
 from .data.tokens import common_prefix
 from .fake import is_fake
@@ -172,7 +173,7 @@ def nll(
     model.eval()
     total, count = 0.0, 0
     real = len(blocks) if real is None else real
-    for i in range(0, len(blocks), batch_size):
+    for i in progress.batch_starts(len(blocks), batch_size, desc="perplexity", unit="window"):
         ids = blocks[i : i + batch_size]
         labels = ids.clone()  # one batch's, as training's batches: never the whole set's
         labels[max(real - i, 0) :] = IGNORE
@@ -239,7 +240,7 @@ def tail_logits(
         shared = 0
     device = model_device(model)
     out: list[Any] = [None] * len(seqs)
-    for i in range(0, len(order), batch_size):
+    for i in progress.batch_starts(len(order), batch_size, desc="score", unit="seq"):
         idx = order[i : i + batch_size]
         ids, mask = left_pad([seqs[j][shared:] for j in idx], pad_id)
         ids, mask = ids.to(device), mask.to(device)

@@ -14,6 +14,7 @@ import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 
 def _umask() -> int:
@@ -75,5 +76,41 @@ def atomic_folder(folder: Path) -> Iterator[Path]:
         os.replace(tmp, folder)
         fsync(folder.parent)
         shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _stale_weights(folder: Path, written: set[str]) -> list[Path]:
+    """Weight files (shards, their index) of an earlier save that this one did not rewrite."""
+    prefixes, suffixes = ("model", "pytorch_model"), (".safetensors", ".bin", ".index.json")
+    names = [f.name for f in folder.iterdir() if f.is_file() and f.name not in written]
+    return [folder / n for n in names if n.startswith(prefixes) and n.endswith(suffixes)]
+
+
+def save_pretrained(folder: Path, model: Any, tokenizer: Any = None, **kwargs: Any) -> None:
+    """``model.save_pretrained(folder, **kwargs)`` (and the tokenizer's), each file moved into
+    place whole, fsynced, with the mode of a plainly created file: transformers writes weights
+    through a 0600 temp file, which would make a merged or pruned model on shared storage
+    unreadable to teammates. Weight shards of an earlier save that this one did not rewrite
+    are removed, as ``save_pretrained`` itself does."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=folder, prefix=".saving-"))
+    try:
+        model.save_pretrained(tmp, **kwargs)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        files = sorted(f for f in tmp.rglob("*") if f.is_file())
+        top = {f.name for f in files if f.parent == tmp}
+        if any(n.endswith((".safetensors", ".bin")) for n in top):
+            for f in _stale_weights(folder, top):
+                f.unlink()
+        for f in files:
+            os.chmod(f, 0o666 & ~_umask())
+            fsync(f)
+            dest = folder / f.relative_to(tmp)
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(f, dest)
+        fsync(folder)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -92,3 +92,21 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ValueError(f"--config {file}: expected a mapping of keys to values at the top")
     return data
+
+
+def load_options(a: argparse.Namespace) -> dict[str, Any]:
+    """``load_model``'s options from a command's flags (``--dtype``, ``--quantize``,
+    ``--double-quant``, ``--attn-implementation``, ``--adapter``): a LoRS adapter needs its base
+    quantized by lorakit, which keeps the pruned zero pattern."""
+    from .config import DTYPES
+
+    kw: dict[str, Any] = {"dtype": DTYPES[a.dtype]}
+    kw["attn_implementation"] = getattr(a, "attn_implementation", "auto")
+    if getattr(a, "quantize", "none") != "none":
+        kw |= {"quantize": a.quantize, "double_quant": a.double_quant}
+        if a.adapter:  # read (and checked) here, then again, small, by load_adapter
+            from .peft_format import read_adapter
+
+            method = read_adapter(a.adapter).metadata.get("lorakit_method")
+            kw["keep_pattern"] = method == "lors"
+    return kw

@@ -15,7 +15,7 @@ from collections.abc import Iterator, Mapping
 import torch
 from torch import nn
 
-from . import experts, routers
+from . import experts, progress, routers
 from .config import LoRAConfig
 from .experts import (
     AdaptedExperts,
@@ -319,7 +319,7 @@ def merge(model: nn.Module, name: str | None = None) -> nn.Module:
     name = name or active_adapter(model)
     if name is not None and name not in adapter_names(model):
         raise ValueError(f"no adapter named {name!r}; the model has {adapter_names(model)}")
-    for path, layer in layers:
+    for path, layer in progress.bar(layers, desc="merge", unit="layer"):
         if layer.quantized:
             if name in layer.adapters:
                 _replace(model, path, dequantized(layer, layer.adapters[name].delta_weight(layer)))

@@ -79,7 +79,9 @@ def minilm_dir() -> Path:
 
 
 def resolve(name_or_path: str | os.PathLike) -> str:
-    """Map an embedded model name to its local folder; pass paths and hub ids through."""
+    """Map an embedded model name to its local folder; pass local paths through; look a hub id
+    up once (:func:`lorakit.hub.locate`: the id, or its cached folder when the hub is
+    unreachable; a clear error when neither gives the model)."""
     name = str(name_or_path)
     if name == SMOLLM2:
         return str(smollm2_dir())
@@ -94,7 +96,9 @@ def resolve(name_or_path: str | os.PathLike) -> str:
             f"model path {name!r} does not exist; give a local HF folder, a hub id "
             f"(org/name) or one of the embedded models {list(EMBEDDED)}"
         )
-    return name  # a hub id: transformers downloads it when online
+    from .hub import locate
+
+    return locate(name, EMBEDDED)  # a hub id: checked once (cached, or on a reachable hub)
 
 
 def load_model(
@@ -105,6 +109,7 @@ def load_model(
     quantize: str | None = None,
     double_quant: bool = True,
     keep_pattern: bool = False,
+    attn_implementation: str = "auto",
     **kwargs: Any,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a model and its tokenizer.
@@ -119,6 +124,8 @@ def load_model(
         double_quant: with ``quantize``, quantize the block scales too.
         keep_pattern: with ``quantize``, load in ``dtype`` and quantize with :func:`quantize`,
             which records the zero pattern LoRS needs (the peak is then the model in ``dtype``).
+        attn_implementation: ``from_pretrained``'s attention kernel (``"eager"``, ``"sdpa"``,
+            ``"flash_attention_2"``, ...); ``"auto"``: the model's default.
         **kwargs: passed to ``from_pretrained`` (e.g. ``num_labels``).
 
     Returns:
@@ -138,6 +145,8 @@ def load_model(
     }
     if task not in classes:
         raise ValueError(f"task must be one of {list(classes)}, got {task!r}")
+    if attn_implementation != "auto":
+        kwargs["attn_implementation"] = attn_implementation
     if quantize and keep_pattern:
         model, tokenizer = load_model(name_or_path, task=task, dtype=dtype, **kwargs)
         return quantize_model(model, quantize, double_quant=double_quant), tokenizer
@@ -153,6 +162,10 @@ def load_model(
     tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    if path != str(Path(name_or_path).expanduser()):  # read from a cache folder
+        # Its public name (built-in name, hub id), which a saved adapter records as
+        # base_model_name_or_path, not the cache folder on this machine.
+        model.name_or_path = model.config._name_or_path = str(name_or_path)
     return model, tokenizer
 
 

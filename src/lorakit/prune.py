@@ -411,7 +411,7 @@ def prune(
     Returns:
         Achieved sparsity (fraction of zeros) per pruned layer path.
     """
-    from tqdm.auto import tqdm
+    from .progress import bar
 
     if method not in METHODS:
         raise ValueError(f"method must be one of {list(METHODS)}, got {method!r}")
@@ -437,7 +437,7 @@ def prune(
     inputs = _first_block_inputs(model, blocks[0], batches, batch_size)
     gram = method == "sparsegpt"
     structure: dict[tuple[str, ...], list[list[str]]] = {}  # layer names -> groups, per block kind
-    for i, block in enumerate(tqdm(blocks, desc=f"{method} {sp}", disable=not progress)):
+    for i, block in enumerate(bar(blocks, desc=f"{method} {sp}", unit="block", on=progress)):
         _prune_block(block, inputs, sp, gram, structure if true_sequential else None)
         if i + 1 < len(blocks):  # the next block sees this block's outputs after pruning
             new_inputs = []

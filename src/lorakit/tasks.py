@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import progress
 from .classify import Classes, classes_for, classify, prompt_prefix_length
 from .config import TrainConfig
 from .constants import IGNORE_INDEX as IGNORE
@@ -330,7 +331,7 @@ def predict_classes(model, tokenizer, records, max_len: int, batch_size: int = 6
     was_training = model.training
     model.eval()
     preds: list[int] = []
-    for i in range(0, len(records), batch_size):
+    for i in progress.batch_starts(len(records), batch_size, desc="classify", unit="example"):
         texts = [r["text"] for r in records[i : i + batch_size]]
         enc = tokenizer(
             texts, truncation=True, max_length=max_len, padding=True, return_tensors="pt"
@@ -349,7 +350,7 @@ def example_nll(
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
-    for i in range(0, len(examples), batch_size):
+    for i in progress.batch_starts(len(examples), batch_size, desc="loss", unit="example"):
         part = [
             e if i + j < real else {**e, "labels": [IGNORE] * len(e["labels"])}
             for j, e in enumerate(examples[i : i + batch_size])

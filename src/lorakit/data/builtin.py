@@ -19,13 +19,11 @@ from pathlib import Path
 
 import torch
 
+# The registry of names lives in lorakit.constants (config's --data help lists it); re-exported.
+from ..constants import BUILTIN_DATA as BUILTIN  # noqa: F401
+from ..constants import ROTTEN_TOMATOES, SHAKESPEARE, SHAKESPEARE_DIALOGUE  # noqa: F401
 from ..fileio import atomic_write
 from .schema import Record, non_empty
-
-ROTTEN_TOMATOES = "rotten-tomatoes"
-SHAKESPEARE = "shakespeare"
-SHAKESPEARE_DIALOGUE = "shakespeare-dialogue"
-BUILTIN = (ROTTEN_TOMATOES, SHAKESPEARE, SHAKESPEARE_DIALOGUE)
 
 _VADER_PIN = "vaderSentiment==3.3.2"
 _VADER_SDIST = "vaderSentiment-3.3.2.tar.gz"

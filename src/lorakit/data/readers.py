@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from .builtin import BUILTIN
-from .schema import FormCheck, Record, non_empty, validate_record
+from .schema import FORMATS, FormCheck, Record, non_empty, validate_record
 
 LOCAL_SUFFIXES = (".jsonl", ".json", ".txt", ".csv")
 
@@ -79,7 +79,8 @@ def _read_csv(path: Path, text: str) -> list[Record]:
     ):
         raise ValueError(
             f"{str(path)!r} needs a header row with a 'text' column (and optionally 'label'), or "
-            f"'prompt' and 'completion' columns; found columns {columns}"
+            f"'prompt' and 'completion' columns; found columns {columns}. (Accepted formats: "
+            f"{FORMATS}; conversations need a .jsonl file)"
         )
     if sft and "text" in columns:
         raise ValueError(
@@ -121,14 +122,15 @@ def load_hub(name: str, split: str) -> list[Record]:
     names = getattr(table.features.get("label"), "names", None)  # a ClassLabel's class names
     if names:
         HUB_CLASS_NAMES[name] = list(names)
-    if not ({"text"} <= set(columns) or {"prompt", "completion"} <= set(columns)):
+    chat = [k for k in ("messages", "conversations") if k in columns][:1]
+    sft = ["prompt", "completion"] if {"prompt", "completion"} <= set(columns) else []
+    text = [k for k in ("text", "label") if k in columns] if "text" in columns else []
+    keep = chat or sft or text
+    if not keep:
         raise ValueError(
-            f"hub dataset {name!r} needs a 'text' column (optionally 'label') or 'prompt' and "
-            f"'completion' columns; found columns {columns}"
+            f"hub dataset {name!r} has no columns of a known format; need {FORMATS}; found "
+            f"columns {columns}"
         )
-    keep = [k for k in ("prompt", "completion") if k in columns] or [
-        k for k in ("text", "label") if k in columns
-    ]
     records: list[Record] = []
     check = FormCheck()
     for i, row in enumerate(table):

@@ -13,6 +13,7 @@ import dataclasses
 from typing import Any
 
 from ..config import TrainConfig
+from ..progress import bar
 from .core import plan
 from .report import MemoryPlan
 
@@ -48,6 +49,7 @@ class _Search:
 
     def __init__(self, cfg: TrainConfig, kw: dict[str, Any]):
         self.cfg, self.kw, self.plans = cfg, kw, {}
+        self.bar = bar(desc="fit", unit="plan")  # how many plans the search has made
 
     def __call__(self, micro: int, seq: int) -> MemoryPlan:
         if (micro, seq) not in self.plans:
@@ -56,6 +58,7 @@ class _Search:
                 self.cfg, batch_size=micro * world, micro_batch_size=micro, max_len=seq
             )
             self.plans[micro, seq] = plan(c, **self.kw)
+            self.bar.update(1)
         return self.plans[micro, seq]
 
     def longest(self, budget: int, margin: float, limit: int) -> int:
@@ -87,8 +90,9 @@ def fit(
     plans at each answer. ``kw`` goes to :func:`plan` (strategy, world_size, target, adapt).
     """
     run = _Search(cfg, kw)
-    micro = _largest(lambda b: run(b, cfg.max_len).fits(budget, margin), 1, 4096)
-    steps = run.longest(budget, margin, _limit(cfg, max_seq))
+    with run.bar:
+        micro = _largest(lambda b: run(b, cfg.max_len).fits(budget, margin), 1, 4096)
+        steps = run.longest(budget, margin, _limit(cfg, max_seq))
     return {
         "budget": budget,
         "margin": margin,
@@ -112,5 +116,6 @@ def longest(
     tokens (a multiple of 256; 0 if not even 256 fit); ``plans``: how many plans that took
     (shared between budgets)."""
     run, limit = _Search(cfg, kw), _limit(cfg, max_seq)
-    found = {b: run.longest(b, margin, limit) * STEP for b in budgets}
+    with run.bar:
+        found = {b: run.longest(b, margin, limit) * STEP for b in budgets}
     return {"max_len": found, "plans": len(run.plans)}

@@ -160,6 +160,30 @@ def parse_size(text: str) -> int:
     return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
 
 
+# What may tell plans apart besides their label, as a bar's name shows it.
+_DIFFERS = {
+    "model": lambda p: p.model,
+    "shape": lambda p: f"micro-batch {p.micro_batch_size} x {p.max_len} tokens",
+    "dtype": lambda p: p.dtype,
+    "quantize": lambda p: f"{p.quantize} base",
+    "ranks": lambda p: f"{p.strategy} x{p.world_size}",
+    "reduce": lambda p: "reduce" if p.reduce_memory else "no reduce",
+    "ckpt": lambda p: "ckpt" if p.checkpointing else "no ckpt",
+}
+
+
+def bar_names(plans: list[MemoryPlan]) -> list[str]:
+    """Each plan's name under its bar: its label, then what differs between the plans (e.g. the
+    micro-batch and row length of a ``--fit`` answer), then the phase of its peak when that is
+    not the training step."""
+    differ = [f for f, show in _DIFFERS.items() if len({show(p) for p in plans}) > 1]
+    return [
+        "\n".join([p.label, *(_DIFFERS[f](p) for f in differ)])
+        + (f"\n({PHASES[p.peak_phase]})" if p.peak_phase != "train_step" else "")
+        for p in plans
+    ]
+
+
 def plot(plans: list[MemoryPlan], file: str | Path, budgets: tuple[int, ...] = ()) -> Path:
     """A stacked bar per plan (what is live at the run's peak, in the phase named under the bar
     when it is not the training step), the other phases' peaks as ticks, budget lines."""
@@ -186,11 +210,7 @@ def plot(plans: list[MemoryPlan], file: str | Path, budgets: tuple[int, ...] = (
             if k != p.peak_phase:
                 ax.plot([i - 0.4, i + 0.4], [v / GiB] * 2, color="black", lw=0.8)
                 ax.text(i + 0.42, v / GiB, PHASES[k], va="center", fontsize=6)
-    names = [
-        p.label + (f"\n({PHASES[p.peak_phase]})" if p.peak_phase != "train_step" else "")
-        for p in plans
-    ]
-    ax.set_xticks(list(x), names, rotation=30, ha="right", fontsize=8)
+    ax.set_xticks(list(x), bar_names(plans), rotation=30, ha="right", fontsize=8)
     ax.set_ylabel("GiB per rank at the peak")
     ax.legend(fontsize=7)
     fig.tight_layout()

@@ -146,8 +146,11 @@ def load_config(model: str | os.PathLike):
             raise ValueError(f"--model {folder}: config.json is not valid JSON ({e})") from None
         return AutoConfig.from_pretrained(folder)
     if "/" in name and not name.startswith((".", "/")):
+        from ..hub import locate
+
+        where = locate(name, tuple(BUILTIN))  # one look-up: no minutes of retries when offline
         try:
-            return AutoConfig.from_pretrained(name)
+            return AutoConfig.from_pretrained(where)
         except OSError as e:
             raise ValueError(
                 f"--model {name}: could not read its config from the hub ({e}); give a built-in "
