@@ -158,3 +158,26 @@ def tiny(tmp_path_factory) -> Path:
     LlamaForCausalLM(cfg).save_pretrained(folder)
     tok.save_pretrained(folder)
     return folder
+
+
+# Labelled reviews for the tiny training runs (test_train, test_train_length, test_precision, ...).
+REVIEWS = [
+    ("a wonderful, moving film", 1),
+    ("dull and far too long", 0),
+    ("the cast is superb and the script sings", 1),
+    ("a tedious mess", 0),
+    ("funny, warm and smart", 1),
+    ("i wanted my two hours back", 0),
+    ("beautifully shot and acted", 1),
+    ("lifeless and predictable", 0),
+] * 4  # 32 examples
+
+
+@pytest.fixture
+def data_file(tmp_path) -> Path:
+    """A JSONL file of :data:`REVIEWS` (text + label)."""
+    import json
+
+    f = tmp_path / "reviews.jsonl"
+    f.write_text("".join(json.dumps({"text": t, "label": y}) + "\n" for t, y in REVIEWS))
+    return f

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import REVIEWS
 from safetensors.torch import load_file
-from test_train import REVIEWS
 
 import lorakit as lk
 from lorakit import distributed

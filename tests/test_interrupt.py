@@ -23,15 +23,6 @@ from lorakit.train import TrainConfig, find_checkpoint, train
 
 train_mod = importlib.import_module("lorakit.train")
 
-REVIEWS = [("a wonderful film", 1), ("dull and long", 0), ("superb", 1), ("a mess", 0)] * 4
-
-
-@pytest.fixture
-def data_file(tmp_path) -> Path:
-    f = tmp_path / "reviews.jsonl"
-    f.write_text("".join(json.dumps({"text": t, "label": y}) + "\n" for t, y in REVIEWS))
-    return f
-
 
 def _adapter(out: Path) -> dict[str, torch.Tensor]:
     return load_file(out / "adapter" / "adapter_model.safetensors")

@@ -20,15 +20,6 @@ from lorakit.train import TrainConfig, train
 
 train_mod = importlib.import_module("lorakit.train")
 
-REVIEWS = [("a wonderful film", 1), ("dull and long", 0), ("superb", 1), ("a mess", 0)] * 4
-
-
-@pytest.fixture
-def data_file(tmp_path) -> Path:
-    f = tmp_path / "reviews.jsonl"
-    f.write_text("".join(json.dumps({"text": t, "label": y}) + "\n" for t, y in REVIEWS))
-    return f
-
 
 def _flat(tiny, data_file, out, **kw) -> dict:
     flat = dict(

@@ -20,24 +20,6 @@ from lorakit.train import TrainConfig, find_checkpoint, train
 
 train_mod = importlib.import_module("lorakit.train")  # lk.train is the entry point
 
-REVIEWS = [
-    ("a wonderful, moving film", 1),
-    ("dull and far too long", 0),
-    ("the cast is superb and the script sings", 1),
-    ("a tedious mess", 0),
-    ("funny, warm and smart", 1),
-    ("i wanted my two hours back", 0),
-    ("beautifully shot and acted", 1),
-    ("lifeless and predictable", 0),
-] * 4
-
-
-@pytest.fixture
-def data_file(tmp_path) -> Path:
-    f = tmp_path / "reviews.jsonl"
-    f.write_text("".join(json.dumps({"text": t, "label": y}) + "\n" for t, y in REVIEWS))
-    return f
-
 
 def _cfg(tiny, data_file, out, **kw) -> TrainConfig:
     base = dict(
