@@ -153,6 +153,10 @@ def test_cli_plan_json_plot_and_fit(tmp_path, capsys):
     assert out["at_peak"] == out["phase_at_peak"][out["peak_phase"]]
     assert out["fit"]["micro_batch_size"] >= 1 and out["fit"]["max_len"] >= 256
     assert out["fit"]["at_max_len"]["peak"] <= 2 * 1024**3 * 0.95
+    # the run as asked fits 2 GiB at 256 tokens: train --fit would change nothing
+    setting = out["fit"]["setting"]
+    assert setting["tried"][0].endswith("-> fits") and len(setting["tried"]) == 1
+    assert (setting["reduce_memory"], setting["checkpointing"], setting["offload"]) == (False,) * 3
     assert png.stat().st_size > 0
 
 

@@ -50,7 +50,8 @@ def add_command(sub) -> None:
         "--fit",
         default=None,
         help="a memory size per rank (24GiB, 80GB): search the largest micro-batch at --max-len "
-        "and the longest rows at micro-batch 1 that fit",
+        "and the longest rows at micro-batch 1 that fit, and the cheapest setting of this run "
+        "that fits (reduce, checkpointing, MLP tile, offload: what train --fit picks)",
     )
     p.add_argument(
         "--margin", type=float, default=MARGIN, help=f"of --fit kept free (default: {MARGIN})"
@@ -81,6 +82,8 @@ def cmd_plan(a: argparse.Namespace) -> int:
     where: dict[str, Any] = {"strategy": a.strategy, "world_size": a.world_size, "target": a.target}
     result = plan(cfg, **where)
     found = fit(cfg, budget, margin=a.margin, **where) if budget is not None else None
+    if found is not None:  # and the cheapest setting of this run that fits, as train --fit picks
+        found["setting"] = _setting(cfg, budget, a)
     if a.plot:
         shown = [result] + [
             found[k] for k in ("at_micro_batch", "at_max_len") if found and found[k]
@@ -98,7 +101,26 @@ def cmd_plan(a: argparse.Namespace) -> int:
     print(result.table())
     if found is not None:
         print(_fit_text(found))
+        print("\n".join(found["setting"]["tried"]))
+        print(found["setting"]["chosen"])
     return 0
+
+
+def _setting(cfg, budget: int, a: argparse.Namespace) -> dict[str, Any]:
+    """What ``lorakit train --fit`` would choose for this run: the settings tried, the choice."""
+    from .choose import choose
+
+    tried: list[str] = []
+    world = {"strategy": a.strategy, "world_size": a.world_size}
+    try:
+        chosen, p = choose(
+            cfg, budget, target=a.target, world=a.world_size, report=tried.append, **world
+        )
+    except ValueError as e:
+        return {"tried": tried, "chosen": f"lorakit train --fit: {e}"}
+    keys = ("micro_batch_size", "reduce_memory", "checkpointing", "mlp_tile", "offload")
+    setting = {k: getattr(chosen, k) for k in keys}
+    return {"tried": tried, "chosen": f"lorakit train --fit would train with {setting}", **setting}
 
 
 def _fit_text(found: dict[str, Any]) -> str:
