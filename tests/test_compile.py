@@ -59,3 +59,22 @@ def test_compiled_equals_eager():
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
     # compiling in place keeps the module's names: the adapter saves as before
     assert [n for n, _ in compiled.named_parameters()] == [n for n, _ in eager.named_parameters()]
+
+
+def test_compiled_under_checkpointing_and_offload():
+    """Saved-tensor hooks (checkpointing, offload) around a compiled reduced model."""
+    batch = zoo.batch()
+    eager, compiled = _model("lora_fa", reduce=True), _model("lora_fa", reduce=True)
+    for model in (eager, compiled):
+        lk.memory.enable_checkpointing(model, offload=True)
+    compiled.compile()
+    torch._dynamo.reset()
+    losses = []
+    for model in (eager, compiled):
+        loss = model(**batch).loss
+        loss.backward()
+        losses.append(loss.detach())
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-6)
+    grads = [[p.grad for p in m.parameters() if p.requires_grad] for m in (eager, compiled)]
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)

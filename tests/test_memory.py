@@ -86,14 +86,18 @@ def test_gradcheck_act_mul(act):
     """act(g)·u keeping g and u: float64 gradcheck; in float32 the same bits as plain autograd."""
     from transformers.activations import ACT2FN
 
+    from lorakit.structure import activation_grad
+
     fn = ACT2FN[act]
+    grad = activation_grad(fn)  # the aten backward of a known activation, else torch.func.vjp
+    assert grad == {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu"}.get(act)
     gen = torch.Generator().manual_seed(0)
     g = torch.randn(4, 6, dtype=torch.float64, generator=gen, requires_grad=True)
     u = torch.randn(4, 6, dtype=torch.float64, generator=gen, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda g, u: ActMulFunction.apply(g, u, fn), (g, u))
+    assert torch.autograd.gradcheck(lambda g, u: ActMulFunction.apply(g, u, fn, grad), (g, u))
     g32, u32 = (t.detach().float().requires_grad_() for t in (g, u))
     dy = torch.randn(4, 6, generator=gen)
-    y = ActMulFunction.apply(g32, u32, fn)
+    y = ActMulFunction.apply(g32, u32, fn, grad)
     ref = fn(g32) * u32
     assert torch.equal(y, ref)
     for a, b in zip(
@@ -406,9 +410,11 @@ def test_mlp_probe_finds_roles_by_what_the_forward_computes():
 
     assert mlp_spec(_SumGated()) is None
     swapped = _Swapped()
-    assert mlp_spec(swapped) == MLPSpec("gate_proj", "down_proj", "act_fn", gate="up_proj")
+    assert mlp_spec(swapped) == MLPSpec("gate_proj", "down_proj", "act_fn", "up_proj", grad="silu")
     llama_mlp = zoo.build("llama").model.layers[0].mlp
-    assert mlp_spec(llama_mlp) == MLPSpec("up_proj", "down_proj", "act_fn", gate="gate_proj")
+    assert mlp_spec(llama_mlp) == MLPSpec(
+        "up_proj", "down_proj", "act_fn", "gate_proj", grad="silu"
+    )
 
 
 def test_head_side_scaling_keeps_the_models_own_loss():

@@ -24,6 +24,7 @@ from torch import nn
 from .fake import is_fake
 from .fused import ActMulFunction
 from .methods.experts import ExpertLoRA, GroupedLoRAFunction, groups
+from .structure import activation_grad
 
 # The fused expert tensors lorakit adapts (transformers' names), in their usual order.
 EXPERT_PARAMS = ("gate_up_proj", "up_proj", "down_proj")
@@ -134,6 +135,8 @@ class AdaptedExperts(nn.Module):
         self.num_experts = base.num_experts
         self.is_transposed = bool(base.is_transposed)
         self.__dict__["base_layer"] = base
+        act = getattr(base, "act_fn", None)
+        self.act_grad = activation_grad(act) if act is not None else None
         self.adapters = nn.ModuleDict()
         self.active: str | None = None
         self.merged: list[str] = []
@@ -172,7 +175,7 @@ class AdaptedExperts(nn.Module):
             return base.act_fn(h)
         if getattr(type(base)._apply_gate, "__name__", "") == "_default_apply_gate":
             gate, up = h.chunk(2, dim=-1)
-            return ActMulFunction.apply(gate, up, base.act_fn)
+            return ActMulFunction.apply(gate, up, base.act_fn, self.act_grad)
         return base._apply_gate(h)
 
     def _project(self, x, name: str, adapter, counts: list[int]) -> torch.Tensor:

@@ -141,17 +141,28 @@ class RMSNormFunction(torch.autograd.Function):
         return dx.to(x.dtype), dw, None, None, None
 
 
+# Activations whose backward ActMulFunction calls directly: the aten kernel autograd runs for
+# them (the same gradients), traceable by torch.compile also under saved-tensor hooks
+# (checkpointing, offload), where torch.func.vjp is refused. Found by structure.activation_grad.
+KNOWN_GRADS = {
+    "silu": lambda dy, g: torch.ops.aten.silu_backward(dy, g),
+    "gelu": lambda dy, g: torch.ops.aten.gelu_backward(dy, g, approximate="none"),
+    "gelu_tanh": lambda dy, g: torch.ops.aten.gelu_backward(dy, g, approximate="tanh"),
+}
+
+
 class ActMulFunction(torch.autograd.Function):
     """y = act(g) ⊙ u for an element-wise ``act`` (SiLU, GELU-tanh, ...), keeping g and u only.
 
     Shapes: g, u (..., f). saves: g, u; act(g) (f values per token) is recomputed.
-    backward: du = dy ⊙ act(g);  dg = act'(g) ⊙ (dy ⊙ u), by ``torch.func.vjp`` of ``act`` re-run
-    on g: the kernels plain autograd runs on the same inputs, so the gradients are the same.
+    backward: du = dy ⊙ act(g);  dg = act'(g) ⊙ (dy ⊙ u): through the aten backward of a known
+    activation (``grad`` names it in :data:`KNOWN_GRADS`), else ``torch.func.vjp`` of ``act``
+    re-run on g. Either way the kernels plain autograd runs, so the gradients are the same.
     """
 
     @staticmethod
-    def forward(ctx, g, u, act: Callable[[torch.Tensor], torch.Tensor]):
-        ctx.act = act
+    def forward(ctx, g, u, act: Callable[[torch.Tensor], torch.Tensor], grad: str | None = None):
+        ctx.act, ctx.grad = act, grad
         ctx.save_for_backward(g, u)
         return act(g) * u
 
@@ -160,12 +171,14 @@ class ActMulFunction(torch.autograd.Function):
     def backward(ctx, dy):
         g, u = ctx.saved_tensors
         need_g, need_u = ctx.needs_input_grad[:2]
-        # torch.func.vjp: the activation's own derivative kernels, as autograd runs them, and
-        # traceable by torch.compile (an autograd.grad call would break its graph)
+        if ctx.grad is not None:
+            du = dy * ctx.act(g) if need_u else None
+            dg = KNOWN_GRADS[ctx.grad](dy * u, g) if need_g else None
+            return dg, du, None, None
         a, vjp = torch.func.vjp(ctx.act, g)
         du = dy * a if need_u else None
         dg = vjp(dy * u)[0] if need_g else None
-        return dg, du, None
+        return dg, du, None, None
 
 
 class SiLUMulFunction(torch.autograd.Function):
@@ -173,7 +186,7 @@ class SiLUMulFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, g, u):
-        return ActMulFunction.forward(ctx, g, u, F.silu)
+        return ActMulFunction.forward(ctx, g, u, F.silu, "silu")
 
     @staticmethod
     @once_differentiable

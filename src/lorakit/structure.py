@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import itertools
 import warnings
 from collections.abc import Callable, Iterator
@@ -197,6 +198,7 @@ class MLPSpec:
     fused: bool = False
     dropout: str | None = None
     recompute: bool = True  # keep only x (True) or also gate and up (False, gated only)
+    grad: str | None = None  # the activation, when it is one of fused.KNOWN_GRADS
 
     @property
     def gated(self) -> bool:
@@ -212,7 +214,30 @@ def mlp_spec(module: nn.Module) -> MLPSpec | None:
     weighted, act, drop = split
     for spec in _hypotheses(weighted, act, drop):
         if _mlp_matches(module, spec):
-            return spec
+            return dataclasses.replace(spec, grad=activation_grad(getattr(module, act)))
+    return None
+
+
+def activation_grad(act: Callable) -> str | None:
+    """Which of :data:`lorakit.fused.KNOWN_GRADS` ``act`` computes, bit for bit on a probe in
+    float32 and bfloat16 (so its backward can be that aten kernel), or None."""
+    import torch.nn.functional as F
+
+    known = {
+        "silu": F.silu,
+        "gelu": F.gelu,
+        "gelu_tanh": lambda t: F.gelu(t, approximate="tanh"),
+    }
+    with _real_tensors() as g:
+        x = torch.randn(64, generator=g) * 4
+        for name, fn in known.items():
+            try:
+                if all(
+                    torch.equal(act(x.to(d)), fn(x.to(d))) for d in (torch.float32, torch.bfloat16)
+                ):
+                    return name
+            except Exception:  # an activation that does not take these inputs: no match
+                return None
     return None
 
 
@@ -288,11 +313,12 @@ def mlp_hidden(mlp: nn.Module, spec: MLPSpec, x: torch.Tensor) -> torch.Tensor:
     (keeps gate and up, recomputes the activation)."""
     act = getattr(mlp, spec.act)
     if spec.gate is not None:
-        return ActMulFunction.apply(getattr(mlp, spec.gate)(x), getattr(mlp, spec.up)(x), act)
+        gate, up = getattr(mlp, spec.gate)(x), getattr(mlp, spec.up)(x)
+        return ActMulFunction.apply(gate, up, act, spec.grad)
     h = getattr(mlp, spec.up)(x)
     if spec.fused:
         gate, up = h.chunk(2, dim=-1)
-        return ActMulFunction.apply(gate, up, act)
+        return ActMulFunction.apply(gate, up, act, spec.grad)
     return act(h)
 
 
