@@ -72,3 +72,24 @@ def test_offload_needs_checkpointing():
         TrainConfig.from_flat({"offload": True})
     with pytest.raises(ValueError, match="offload.*checkpointing"):
         lk.reduce_activation_memory(zoo.build("llama"), offload=True)
+
+
+@pytest.mark.parametrize("tile", [None, 8])
+def test_planned_step_equals_the_same_accounting_on_real_tensors(tmp_path, tile):
+    """The planner's step (device peak, host bytes) against its own storage accounting run on
+    real tensors: the tiny LLaMA with LoRA-FA + reduce + checkpointing + offload (+ MLP tile)."""
+    from lorakit.checkpoint import trainable_parameters
+    from lorakit.planner.core import _batch, _measure
+
+    cfg = _cfg(tmp_path, "lora_fa", reduce=True)
+    if tile:
+        cfg = TrainConfig.from_flat({**cfg.to_flat(), "mlp_tile": tile})
+    planned = plan(cfg, target="cpu")
+    model = zoo.build("llama")
+    _adapt(model, cfg, "lm", SINGLE)
+    model.train()
+    params = [p for _, p in trainable_parameters(model)]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, foreach=False)
+    peak, _, totals = _measure(model, optimizer, params, _batch(B, S), 1, 1, False, False)
+    assert peak == planned.phases["train_step"]
+    assert totals["host"] == planned.host > 0
