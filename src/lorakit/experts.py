@@ -283,8 +283,7 @@ def add_adapters(model: nn.Module, paths: list[str], configs: dict, name: str) -
         if not isinstance(module, AdaptedExperts):
             module = AdaptedExperts(module)
             _check_reproduces(module)
-            parent, _, leaf = mpath.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, leaf, module)
+            model.set_submodule(mpath, module)
         loras = {}
         for t in tensors:
             cfg = configs[f"{mpath}.{t}"]
@@ -315,8 +314,7 @@ def group_routing(model: nn.Module) -> int:
             _check_reproduces(adapted)
         except (TypeError, NotImplementedError):
             continue
-        parent, _, leaf = path.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, leaf, adapted)
+        model.set_submodule(path, adapted)
         wrapped += 1
     return wrapped
 

@@ -209,8 +209,7 @@ def _replace_norms(model: nn.Module) -> list[str]:
         if variant is None:
             kept.add(type(module).__name__)
             continue
-        parent, _, leaf = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, leaf, RMSNorm(module, *variant))
+        model.set_submodule(name, RMSNorm(module, *variant))
     return [f"norms: {cls} (not an RMSNorm this reproduces)" for cls in sorted(kept)]
 
 

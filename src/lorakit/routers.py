@@ -96,8 +96,7 @@ def add_adapters(model: nn.Module, paths: list[str], configs: dict, name: str) -
         module = model.get_submodule(mpath)
         if not isinstance(module, AdaptedRouter):
             module = AdaptedRouter(module)
-            parent, _, leaf = mpath.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, leaf, module)
+            model.set_submodule(mpath, module)
         cfg = configs[p]
         dtype = cfg.dtype_for(module.weight.dtype)
         module.adapters[name] = adapter_class(cfg.method)(module, cfg, dtype=dtype)
